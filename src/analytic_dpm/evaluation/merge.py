@@ -1,0 +1,186 @@
+"""Merge the results of many run directories (e.g. every job of a Hydra multirun sweep) into one grid.
+
+    python -m analytic_dpm.evaluation.merge MULTIRUN_DIR [MORE_DIRS ...] [--out OUT_DIR] [--title T]
+           [--gamma GAMMA_FILE] [--no-plots]
+
+finds every ``results.json`` below the given directories (recursively; a directory with only ``results.csv`` is
+read from the CSV), merges the rows and writes ``results.csv``/``results.json`` plus the report
+(:func:`analytic_dpm.evaluation.report.write_report`) into OUT_DIR (default: ``<first dir>/merged``; that
+directory is never read as an input).
+
+Merge rule per cell key (:func:`analytic_dpm.evaluation.results.cell_key`), for each metric (``nll_bpd``,
+``fid``) separately: a computed value (a number, or NaN = not defined) beats ``None`` (not computed); among
+computed ones, a finite number beats NaN/inf, then the most recent wins (results file modification time, then
+row order in the file). So the NLL of one job and the FID of another end up in one row. The metric's companion
+column (``num_nll_images`` / ``num_fid_samples``) comes with it; the other columns come from the most recent row
+that has them; ``seconds`` is the sum over the rows the merged row took a metric from (or over all rows if it
+took none); distinct non-empty notes are joined with "; ".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .results import (
+    COLUMNS,
+    RESULTS_CSV,
+    RESULTS_JSON,
+    cell_key,
+    is_finite_number,
+    load_rows,
+    sort_rows,
+    write_results,
+)
+
+_COMPANION = {"nll_bpd": "num_nll_images", "fid": "num_fid_samples"}
+
+
+def find_result_files(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = ()) -> list[Path]:
+    """Every results.json below ``paths`` (results.csv where a directory has no JSON), sorted, without those
+    under any of ``exclude``."""
+    excluded = [Path(p).resolve() for p in exclude]
+
+    def skip(p: Path) -> bool:
+        rp = p.resolve()
+        return any(rp == e or e in rp.parents for e in excluded)
+
+    found: dict[Path, Path] = {}
+    for root in map(Path, paths):
+        if root.is_file():
+            if not skip(root):
+                found.setdefault(root.parent.resolve(), root)
+            continue
+        if not root.is_dir():
+            raise FileNotFoundError(f"no such run directory: {root}")
+        for name in (RESULTS_JSON, RESULTS_CSV):  # JSON first: it wins for its directory
+            for p in sorted(root.rglob(name)):
+                if p.is_file() and not skip(p):
+                    found.setdefault(p.parent.resolve(), p)
+    return sorted(found.values())
+
+
+def _read(path: Path) -> list[dict[str, Any]] | None:
+    try:
+        return load_rows(path)
+    except (ValueError, json.JSONDecodeError, OSError) as err:
+        warnings.warn(f"skipping {path}: {err}", stacklevel=3)
+        return None
+
+
+def _metric_rank(value: Any) -> int:
+    """2 = finite number, 1 = computed but not finite (NaN/inf), 0 = not computed."""
+    if value is None:
+        return 0
+    return 2 if is_finite_number(value) else 1
+
+
+def merge_rows(sources: Sequence[tuple[Any, Sequence[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Merge rows given as ``[(recency, rows), ...]`` (larger recency = more recent) by the rule of the module
+    docstring; returns full rows in canonical order."""
+    by_key: dict[tuple, list[tuple[tuple, dict[str, Any]]]] = {}
+    for order, (recency, rows) in enumerate(sources):
+        for i, row in enumerate(rows):
+            by_key.setdefault(cell_key(row), []).append(((recency, order, i), row))
+    merged = []
+    for cands in by_key.values():
+        cands.sort(key=lambda c: c[0])  # oldest first
+        newest = [row for _, row in reversed(cands)]
+        out: dict[str, Any] = {}
+        used: list[int] = []  # indices into newest of the rows a metric came from
+        for metric, companion in _COMPANION.items():
+            best = max(range(len(newest)), key=lambda j: (_metric_rank(newest[j][metric]), -j))
+            out[metric] = newest[best][metric]
+            out[companion] = newest[best][companion]
+            if newest[best][metric] is not None:
+                used.append(best)
+        for col in COLUMNS:
+            if col in out or col in ("seconds", "note"):
+                continue
+            out[col] = next((r[col] for r in newest if r[col] is not None and r[col] != ""), newest[0][col])
+        contributing = [newest[j] for j in dict.fromkeys(used)] or newest
+        secs = [r["seconds"] for r in contributing if r["seconds"] is not None]
+        out["seconds"] = sum(secs) if secs else None
+        notes = [r["note"] for r in contributing if r["note"]]
+        out["note"] = "; ".join(dict.fromkeys(notes))
+        merged.append({c: out[c] for c in COLUMNS})
+    return sort_rows(merged)
+
+
+def merge_runs(
+    paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike | None = None,
+    title: str = "",
+    gamma: Any = None,
+    bounds: Any = None,
+    abar: Any = None,
+    plots: bool = True,
+) -> list[dict[str, Any]]:
+    """Read the results below every path in ``paths`` (run directories, sweep directories or results files),
+    merge them (module docstring) and return the merged rows. With ``out_dir``, also write
+    ``results.csv``/``results.json`` and the report there (``out_dir`` itself is excluded from the search)."""
+    files = find_result_files(paths, exclude=[out_dir] if out_dir is not None else [])
+    sources = []
+    for f in files:
+        rows = _read(f)
+        if rows is not None:
+            sources.append((f.stat().st_mtime_ns, rows))
+    merged = merge_rows(sources)
+    if out_dir is not None:
+        write_results(merged, out_dir)
+        from .report import write_report
+
+        write_report(merged, out_dir, gamma=gamma, bounds=bounds, title=title, abar=abar, plots=plots)
+    return merged
+
+
+def _load_vector(path: Path) -> Any:
+    """A gamma vector from .npy, .json (a list, or {"gamma": [...]}), or .pt/.pth (a tensor, or a dict with
+    "gamma")."""
+    if path.suffix == ".npy":
+        import numpy as np
+
+        return np.load(path)
+    if path.suffix == ".json":
+        obj = json.loads(path.read_text())
+    else:
+        import torch
+
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        if "gamma" not in obj:
+            raise ValueError(f"{path}: no 'gamma' entry (keys: {sorted(obj)})")
+        obj = obj["gamma"]
+    return obj
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analytic_dpm.evaluation.merge",
+        description="Merge the results.json of many run directories (e.g. a Hydra multirun) into one grid + report.",
+    )
+    parser.add_argument("dirs", nargs="+", type=Path, help="multirun / run directories (searched recursively)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: FIRST_DIR/merged)")
+    parser.add_argument("--title", default="", help="title of the report")
+    parser.add_argument("--gamma", type=Path, default=None, help="gamma vector (.npy, .json, .pt) for gamma.png")
+    parser.add_argument("--no-plots", action="store_true", help="write the tables only (no PNGs)")
+    args = parser.parse_args(argv)
+    out = args.out if args.out is not None else args.dirs[0] / "merged"
+    gamma = _load_vector(args.gamma) if args.gamma is not None else None
+    files = find_result_files(args.dirs, exclude=[out])
+    if not files:
+        print(f"no {RESULTS_JSON} / {RESULTS_CSV} found under {', '.join(map(str, args.dirs))}", file=sys.stderr)
+        return 1
+    rows = merge_runs(args.dirs, out_dir=out, title=args.title, gamma=gamma, plots=not args.no_plots)
+    print(f"merged {len(rows)} cells from {len(files)} result files into {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,444 @@
+"""FID with torch-fidelity's Inception: features, streaming statistics, cached reference statistics.
+
+Generated samples are streamed batch by batch into :class:`FeatureStats` (float64 mean and scatter
+matrix), so they are never all held in memory nor written to disk. The Frechet distance itself is
+torch-fidelity's (``fid_statistics_to_metric``), so values match ``torch_fidelity.calculate_metrics``.
+
+Typical use::
+
+    feats = InceptionFeatures("weights/pt_inception-2015-12-05.pth", device="cuda", batch_size=250)
+    ref = reference_stats(train_images_u8, cache_path="outputs/fid_ref_cifar10.npz", features=feats)
+    fid = fid_of_stream(sampler_batches(), ref, feats, num_samples=50_000)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .inception_weights import (
+    DEFAULT_WEIGHTS_PATH,
+    FEATURE_DIM,
+    FEATURE_EXTRACTOR_NAME,
+    check_weights_file,
+    weights_sha256,
+)
+
+STATS_FORMAT = "analytic_dpm.fid.FeatureStats/1"
+FEATURE_LAYER = "2048"
+#: Identifies torch-fidelity's own download (``weights_path=None``) in cache metadata.
+TORCH_FIDELITY_DEFAULT_WEIGHTS = "torch-fidelity:weights-inception-2015-12-05-6726825d.pth"
+
+__all__ = [
+    "FeatureStats",
+    "InceptionFeatures",
+    "data_fingerprint",
+    "fid_from_stats",
+    "fid_of_stream",
+    "reference_stats",
+    "to_uint8_rgb",
+    "weights_identity",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images and Inception features
+# ---------------------------------------------------------------------------------------------------------
+
+
+def to_uint8_rgb(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Images -> uint8 ``[B, 3, H, W]`` as torch-fidelity expects.
+
+    uint8 input is kept as is; floating input is taken to be in ``[-1, 1]`` and quantised like saving
+    a PNG: ``round((x + 1) * 127.5)`` clamped to ``[0, 255]``. One channel is repeated to three.
+    """
+    x = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+    if not torch.is_tensor(x):
+        raise TypeError(f"expected a torch.Tensor or numpy array, got {type(images).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"expected 1 or 3 channels (NCHW), got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        pass
+    elif x.is_floating_point():
+        if x.dtype != torch.float64:
+            x = x.to(torch.float32)
+        x = torch.round((x + 1) * 127.5).clamp_(0, 255).to(torch.uint8)
+    else:
+        raise TypeError(f"images must be uint8 in [0, 255] or float in [-1, 1], got {x.dtype}")
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.contiguous()
+
+
+def weights_identity(weights_path: str | os.PathLike | None) -> str:
+    """What identifies the Inception weights in cache metadata: ``sha256:<hex>`` of the file."""
+    if weights_path is None:
+        return TORCH_FIDELITY_DEFAULT_WEIGHTS
+    _require_weights_file(weights_path)
+    return f"sha256:{weights_sha256(weights_path)}"
+
+
+def _require_weights_file(weights_path: str | os.PathLike) -> None:
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(
+            f"FID Inception weights not found at {os.fspath(weights_path)!r}. Run `make fid-weights` "
+            f"(python -m analytic_dpm.fid.inception_weights --out {DEFAULT_WEIGHTS_PATH}) or pass "
+            "`fid.weights_path=<file>`."
+        )
+
+
+class InceptionFeatures:
+    """torch-fidelity's ``FeatureExtractorInceptionV3`` (``inception-v3-compat``), 2048-d pool features.
+
+    ``weights_path=None`` uses torch-fidelity's standard download (needs internet); a given path must
+    exist (``FileNotFoundError`` otherwise) and is checked against the recorded hash of the converted
+    weights (a warning if it differs). Call it on images ``[B, 1|3, H, W]``, uint8 or float in
+    ``[-1, 1]`` (see :func:`to_uint8_rgb`), any ``H, W`` (torch-fidelity resizes to 299x299 with
+    TF1-compatible bilinear interpolation); returns float32 ``[B, 2048]`` on ``device``, computed in
+    chunks of ``batch_size``. On CUDA, TF32 convolutions are turned off during the forward pass
+    (``allow_tf32=False``) so features are full fp32 like the TensorFlow reference.
+    """
+
+    def __init__(
+        self,
+        weights_path: str | os.PathLike | None = DEFAULT_WEIGHTS_PATH,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        *,
+        allow_tf32: bool = False,
+        check_hash: bool = True,
+    ):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if weights_path is not None:
+            weights_path = os.fspath(weights_path)
+            _require_weights_file(weights_path)
+            if check_hash:
+                check_weights_file(weights_path)
+        self.weights_path = weights_path
+        self.weights_id = weights_identity(weights_path)
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.allow_tf32 = allow_tf32
+        self.model = FeatureExtractorInceptionV3(
+            FEATURE_EXTRACTOR_NAME, [FEATURE_LAYER], feature_extractor_weights_path=weights_path
+        ).to(self.device)
+        self.model.eval().requires_grad_(False)
+        #: Images passed through the network so far (lets callers/tests see whether it ran).
+        self.num_images = 0
+
+    @property
+    def name(self) -> str:
+        return f"{FEATURE_EXTRACTOR_NAME}:{FEATURE_LAYER}"
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        x = to_uint8_rgb(images)
+        if x.shape[0] == 0:
+            return torch.empty(0, FEATURE_DIM, device=self.device)
+        tf32_before = torch.backends.cudnn.allow_tf32
+        if self.device.type == "cuda" and not self.allow_tf32:
+            torch.backends.cudnn.allow_tf32 = False
+        try:
+            out = []
+            for start in range(0, x.shape[0], self.batch_size):
+                chunk = x[start : start + self.batch_size].to(self.device, non_blocking=True)
+                (feats,) = self.model(chunk)
+                out.append(feats)
+                self.num_images += chunk.shape[0]
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32_before
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming statistics
+# ---------------------------------------------------------------------------------------------------------
+
+
+class FeatureStats:
+    """Streaming mean and covariance of feature vectors, accumulated in float64.
+
+    Each ``update`` computes its batch's mean and centred scatter matrix and merges them with Chan et
+    al.'s pairwise update (numerically stable; no ``E[xx^T] - mu mu^T`` cancellation). Any chunking of
+    the same rows gives the same ``mean``/``cov`` as a single batch up to float64 rounding (~1e-15
+    relative). Accumulates on the device of the first batch (e.g. CUDA, where the features are).
+    """
+
+    def __init__(self, metadata: dict[str, Any] | None = None):
+        self._count = 0
+        self._mean: torch.Tensor | None = None
+        self._m2: torch.Tensor | None = None  # sum of (x - mean)(x - mean)^T
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    @classmethod
+    def from_features(cls, features: torch.Tensor | np.ndarray, metadata: dict[str, Any] | None = None):
+        return cls(metadata).update(features)
+
+    def update(self, features: torch.Tensor | np.ndarray) -> FeatureStats:
+        x = torch.from_numpy(np.asarray(features)) if not torch.is_tensor(features) else features.detach()
+        if x.dim() != 2:
+            raise ValueError(f"features must be [N, D], got shape {tuple(x.shape)}")
+        if self._mean is not None:
+            if x.shape[1] != self._mean.shape[0]:
+                raise ValueError(f"feature dim {x.shape[1]} != {self._mean.shape[0]}")
+            x = x.to(self._mean.device)
+        n_b = x.shape[0]
+        if n_b == 0:
+            return self
+        x = x.to(torch.float64)
+        mean_b = x.mean(dim=0)
+        xc = x - mean_b
+        m2_b = xc.T @ xc
+        if self._count == 0:
+            self._mean, self._m2 = mean_b, m2_b
+        else:
+            n_a = self._count
+            n = n_a + n_b
+            delta = mean_b - self._mean
+            self._mean = self._mean + delta * (n_b / n)
+            self._m2 = self._m2 + m2_b + torch.outer(delta, delta) * (n_a * n_b / n)
+        self._count += n_b
+        return self
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def dim(self) -> int | None:
+        return None if self._mean is None else int(self._mean.shape[0])
+
+    @property
+    def mean(self) -> np.ndarray:
+        """float64 ``[D]``."""
+        if self._mean is None:
+            raise ValueError("FeatureStats is empty")
+        return self._mean.cpu().numpy().copy()
+
+    @property
+    def cov(self) -> np.ndarray:
+        """float64 ``[D, D]`` unbiased covariance (divides by ``count - 1``, like ``np.cov``)."""
+        if self._count < 2:
+            raise ValueError(f"need at least 2 samples for a covariance, have {self._count}")
+        return (self._m2 / (self._count - 1)).cpu().numpy()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``mu``, ``sigma``, ``count`` and JSON ``metadata`` to an ``.npz`` (atomically)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:  # a file object: numpy does not append ".npz"
+            np.savez(
+                f,
+                mu=self.mean,
+                sigma=self.cov,
+                count=np.int64(self._count),
+                metadata=np.array(json.dumps(self.metadata, sort_keys=True)),
+            )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FeatureStats:
+        with np.load(path, allow_pickle=False) as z:
+            mu = np.asarray(z["mu"], dtype=np.float64)
+            sigma = np.asarray(z["sigma"], dtype=np.float64)
+            count = int(z["count"])
+            metadata = json.loads(str(z["metadata"])) if "metadata" in z.files else {}
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or count < 2:
+            raise ValueError(
+                f"{path}: malformed statistics (mu {mu.shape}, sigma {sigma.shape}, count {count})"
+            )
+        out = cls(metadata)
+        out._count = count
+        out._mean = torch.from_numpy(mu)
+        out._m2 = torch.from_numpy(sigma * (count - 1))
+        return out
+
+    def __repr__(self) -> str:
+        return f"FeatureStats(count={self._count}, dim={self.dim})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Frechet distance
+# ---------------------------------------------------------------------------------------------------------
+
+
+def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+    """Frechet distance between Gaussians, by torch-fidelity's ``fid_statistics_to_metric`` in float64.
+
+    ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2)`` with the trace of the square root taken as
+    the sum of square roots of the eigenvalues of ``S1 S2`` (the same numbers as
+    ``torch_fidelity.calculate_metrics(fid=True)``).
+    """
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    def arr(a):
+        return np.asarray(a.detach().cpu().numpy() if torch.is_tensor(a) else a, dtype=np.float64)
+
+    mu1, sigma1, mu2, sigma2 = arr(mu1), arr(sigma1), arr(mu2), arr(sigma2)
+    d = mu1.shape[0] if mu1.ndim == 1 else -1
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(
+            f"inconsistent shapes: mu1 {mu1.shape}, sigma1 {sigma1.shape}, "
+            f"mu2 {mu2.shape}, sigma2 {sigma2.shape}"
+        )
+    out = fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2}, verbose=False)
+    return float(out[KEY_METRIC_FID])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference statistics (cached) and streamed FID
+# ---------------------------------------------------------------------------------------------------------
+
+
+def data_fingerprint(images: torch.Tensor | np.ndarray) -> str:
+    """sha256 of an image tensor's dtype, shape and bytes."""
+    a = (
+        images.detach().cpu().contiguous().numpy()
+        if torch.is_tensor(images)
+        else np.ascontiguousarray(images)
+    )
+    h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|".encode())
+    h.update(memoryview(a).cast("B"))
+    return f"sha256:{h.hexdigest()}"
+
+
+def _batch_tensor(batch) -> torch.Tensor:
+    """A batch from a DataLoader may be ``(images, labels)``: take the images."""
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    return torch.from_numpy(batch) if isinstance(batch, np.ndarray) else batch
+
+
+def _iter_batches(images, batch_size: int) -> Iterator[torch.Tensor]:
+    if torch.is_tensor(images) or isinstance(images, np.ndarray):
+        for start in range(0, images.shape[0], batch_size):
+            yield _batch_tensor(images[start : start + batch_size])
+    else:
+        for batch in images:
+            yield _batch_tensor(batch)
+
+
+def _metadata_mismatch(cached: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    return [
+        f"{k}: cached {cached.get(k)!r} != {v!r}"
+        for k, v in wanted.items()
+        if v is not None and cached.get(k) != v
+    ]
+
+
+def reference_stats(
+    images,
+    weights_path: str | os.PathLike | None = DEFAULT_WEIGHTS_PATH,
+    cache_path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    *,
+    fingerprint: str | None = None,
+    features: InceptionFeatures | None = None,
+    progress: bool = True,
+) -> FeatureStats:
+    """Inception statistics of reference images, cached in ``cache_path`` (``.npz``).
+
+    ``images``: a uint8 (or [-1, 1] float) tensor/array ``[N, C, H, W]``, or an iterable of such
+    batches (e.g. a DataLoader; ``(images, labels)`` tuples are fine). The cache metadata records the
+    number of images, the data ``fingerprint`` (default: sha256 of the tensor; required for an
+    iterable when caching) and the Inception weights' sha256; the cache is reused when they match and
+    recomputed (with a warning) when they do not. ``features`` reuses an already loaded extractor
+    (then ``weights_path``/``device``/``batch_size`` are taken from it); otherwise one is only built
+    when the statistics must be computed.
+    """
+    is_array = torch.is_tensor(images) or isinstance(images, np.ndarray)
+    if fingerprint is None and is_array:
+        fingerprint = data_fingerprint(images)
+    if fingerprint is None and cache_path is not None:
+        raise ValueError(
+            "reference_stats: pass fingerprint=... to cache statistics of an iterable of batches"
+        )
+    weights_id = features.weights_id if features is not None else weights_identity(weights_path)
+    wanted = {
+        "format": STATS_FORMAT,
+        "feature_extractor": f"{FEATURE_EXTRACTOR_NAME}:{FEATURE_LAYER}",
+        "weights": weights_id,
+        "fingerprint": fingerprint,
+        "num_images": int(images.shape[0]) if is_array else None,
+    }
+
+    if cache_path is not None and os.path.exists(cache_path):
+        try:
+            cached = FeatureStats.load(cache_path)
+        except Exception as e:  # noqa: BLE001 - a corrupt cache is recomputed
+            warnings.warn(f"cannot read reference statistics {cache_path} ({e!r}); recomputing", stacklevel=2)
+        else:
+            problems = _metadata_mismatch(cached.metadata, wanted)
+            if not problems:
+                return cached
+            warnings.warn(
+                f"reference statistics {cache_path} do not match ({'; '.join(problems)}); recomputing",
+                stacklevel=2,
+            )
+
+    if features is None:
+        features = InceptionFeatures(weights_path, device=device, batch_size=batch_size)
+    stats = FeatureStats()
+    total = wanted["num_images"] if is_array else None
+    with tqdm(total=total, desc="FID reference", unit="img", disable=not progress, leave=False) as bar:
+        for batch in _iter_batches(images, features.batch_size):
+            stats.update(features(batch))
+            bar.update(batch.shape[0])
+    stats.metadata = {**wanted, "num_images": stats.count}
+    if cache_path is not None:
+        stats.save(cache_path)
+    return stats
+
+
+def fid_of_stream(
+    batches: Iterable[torch.Tensor],
+    ref: FeatureStats,
+    features: InceptionFeatures,
+    num_samples: int,
+    *,
+    stats: FeatureStats | None = None,
+    progress: bool = True,
+    desc: str = "FID samples",
+) -> float:
+    """FID of the first ``num_samples`` images of a stream of batches against ``ref``.
+
+    Batches (uint8 or [-1, 1] float ``[B, C, H, W]``; ``(images, labels)`` tuples are fine) are
+    featurised and folded into a :class:`FeatureStats` one at a time, and the stream is not pulled
+    past ``num_samples`` (a larger last batch is truncated). ``ValueError`` if it ends early. Pass
+    ``stats`` (an empty ``FeatureStats``) to get the samples' statistics back.
+    """
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2, got {num_samples}")
+    if stats is None:
+        stats = FeatureStats()
+    elif stats.count:
+        raise ValueError("stats must be empty")
+    with tqdm(total=num_samples, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for batch in batches:
+            x = _batch_tensor(batch)
+            take = min(int(x.shape[0]), num_samples - stats.count)
+            stats.update(features(x[:take]))
+            bar.update(take)
+            del x, batch
+            if stats.count >= num_samples:
+                break
+    if stats.count < num_samples:
+        raise ValueError(f"the sample stream ended after {stats.count} images, expected {num_samples}")
+    stats.metadata.setdefault("num_images", stats.count)
+    return fid_from_stats(stats.mean, stats.cov, ref.mean, ref.cov)

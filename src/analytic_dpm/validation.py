@@ -1,0 +1,62 @@
+"""Input checks shared by the pure functions: each raises a ValueError that says what to fix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def validate_trajectory(trajectory: Sequence[int] | Tensor, N: int) -> list[int]:
+    """A trajectory is 1 <= tau_1 < ... < tau_K <= N (spec section 2); returns it as a list of ints."""
+    if isinstance(trajectory, Tensor):
+        trajectory = trajectory.tolist()
+    try:
+        taus = [int(t) for t in trajectory]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"a trajectory must be a sequence of integer timesteps, got {trajectory!r}") from e
+    if any(int(t) != t for t in trajectory):
+        raise ValueError(f"trajectory timesteps must be integers, got {list(trajectory)!r}")
+    if len(taus) == 0:
+        raise ValueError("a trajectory needs at least one timestep (K >= 1)")
+    if taus[0] < 1 or taus[-1] > N or min(taus) < 1 or max(taus) > N:
+        raise ValueError(f"trajectory timesteps must lie in 1..N = 1..{N}; got min {min(taus)}, max {max(taus)}")
+    for a, b in zip(taus, taus[1:]):
+        if b <= a:
+            raise ValueError(f"a trajectory must be strictly increasing; found {a} followed by {b}")
+    return taus
+
+
+def check_gamma(gamma: Tensor | None, N: int, *, required: bool = True, what: str = "this method") -> Tensor | None:
+    """Gamma is the length-(N+1) vector of spec section 5 (gamma_0 = 0); returned as float64."""
+    if gamma is None:
+        if required:
+            raise ValueError(
+                f"{what} needs gamma (the length-(N+1) vector from analytic_dpm.estimate_gamma or a "
+                "calibrated checkpoint)"
+            )
+        return None
+    gamma = torch.as_tensor(gamma)
+    if gamma.ndim != 1 or gamma.numel() != N + 1:
+        raise ValueError(
+            f"gamma must be a 1-D vector of length N+1 = {N + 1} (index 0 = data); got shape {tuple(gamma.shape)}"
+        )
+    if not gamma.is_floating_point():
+        gamma = gamma.to(torch.float64)
+    if torch.isnan(gamma).any():
+        bad = torch.nonzero(torch.isnan(gamma)).flatten()[:5].tolist()
+        raise ValueError(f"gamma contains NaN at timesteps {bad}: recalibrate (estimate_gamma)")
+    if torch.isinf(gamma[1:]).any() or (gamma[1:] < 0).any():
+        raise ValueError("gamma_n is a mean square and must be finite and >= 0 for n >= 1")
+    return gamma.to(torch.float64)
+
+
+def check_K(K: int, N: int) -> int:
+    if not isinstance(K, int) or isinstance(K, bool):
+        raise ValueError(f"K (number of sampling steps) must be an integer, got {K!r}")
+    if K < 1:
+        raise ValueError(f"K (number of sampling steps) must be >= 1, got {K}")
+    if K > N:
+        raise ValueError(f"K = {K} exceeds N = {N}: a trajectory has at most N distinct timesteps")
+    return K
