@@ -36,18 +36,9 @@ N_IMAGES = 8
 
 
 @pytest.fixture(scope="module")
-def random_weights(tmp_path_factory) -> Path:
-    """A state dict of torch-fidelity's Inception with random weights (BN stats = identity)."""
-    model = iw.inception_skeleton()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                # He init keeps activations O(1) through ~50 conv layers (PyTorch's default shrinks them).
-                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=g)
-    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-    torch.save(model.state_dict(), path)
-    return path
+def random_weights(random_inception_weights) -> Path:
+    """Random-weight Inception of the FID architecture (tests/conftest.py)."""
+    return random_inception_weights
 
 
 @pytest.fixture(scope="module")

