@@ -117,6 +117,20 @@ def test_fid_identical_is_zero_and_noise_is_far(fids):
     assert fids["x_perturbed"] > abs(fids["x_x"])
 
 
+def test_fid_from_stats_equals_torch_fidelity_formula():
+    """Our symmetric-eigh form is the number torch-fidelity's fid_statistics_to_metric gives."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    rng = np.random.default_rng(0)
+    for n, d in [(10, 64), (200, 64), (30, 128)]:  # rank-deficient and full-rank covariances
+        x, y = rng.standard_normal((n, d)), 0.7 * rng.standard_normal((n, d)) + 0.3
+        s1 = {"mu": x.mean(0), "sigma": np.cov(x, rowvar=False)}
+        s2 = {"mu": y.mean(0), "sigma": np.cov(y, rowvar=False)}
+        theirs = fid_statistics_to_metric(s1, s2, verbose=False)[KEY_METRIC_FID]
+        assert fid_from_stats(s1["mu"], s1["sigma"], s2["mu"], s2["sigma"]) == pytest.approx(theirs, rel=1e-6)
+
+
+@pytest.mark.slow
 def test_fid_matches_torch_fidelity(fids, image_sets, random_weights):
     import torch_fidelity
 
