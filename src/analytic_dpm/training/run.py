@@ -1,0 +1,178 @@
+"""``train(cfg)``: the training run behind ``train.py`` (Hydra config ``conf/train.yaml``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..data import DatasetNotAvailableError
+from .data import ReproducibleDataModule
+from .module import DiffusionModule, plain
+
+log = logging.getLogger(__name__)
+
+__all__ = ["USER_ERRORS", "ConfigError", "run_cli", "train"]
+
+
+class ConfigError(ValueError):
+    """A setting of the run config is wrong; the message says which and how to fix it."""
+
+
+def _instantiate(node, what: str, **kwargs):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, (DatasetNotAvailableError, FileNotFoundError)):
+            raise cause from None
+        raise ConfigError(f"cannot build {what}: {cause}") from None
+
+
+def _collect(section, what: str) -> list:
+    """Instantiate every ``_target_`` entry of a callbacks / logger section (dict of named configs)."""
+    out: list = []
+    if not section:
+        return out
+    if not isinstance(section, (DictConfig, Mapping)):
+        raise ConfigError(f"{what} must be a mapping of named configs, got {type(section).__name__}")
+    for name, node in section.items():
+        if isinstance(node, (DictConfig, Mapping)) and "_target_" in node:
+            log.info("instantiating %s <%s>", what, node["_target_"])
+            out.append(_instantiate(node, f"{what} {name!r}"))
+    return out
+
+
+def _finish_wandb() -> None:
+    mod = sys.modules.get("wandb")
+    if mod is not None and getattr(mod, "run", None) is not None:
+        try:
+            mod.finish()
+        except Exception as e:  # pragma: no cover
+            log.warning("wandb.finish() failed: %s", e)
+
+
+def _check_ckpt_path(ckpt_path) -> str | None:
+    if ckpt_path in (None, ""):
+        return None
+    p = Path(str(ckpt_path)).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file (resume needs an existing .ckpt)")
+    return str(p)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or resume, with ``cfg.ckpt_path``) one model; returns a summary dict.
+
+    Summary keys: ``output_dir``, ``last_checkpoint`` (path or None), ``global_step``, ``epoch``,
+    ``seconds`` (wall time of ``fit``), ``metrics`` (last logged scalars), ``gamma_history`` (one record
+    per calibration), ``module`` and ``trainer`` (the objects, for tests and notebooks).
+    """
+    import lightning as L
+    import torch
+
+    if cfg.get("data") is None or cfg.get("model") is None or cfg.get("diffusion") is None:
+        raise ConfigError("the config needs data, model and diffusion sections (see conf/train.yaml)")
+    seed = cfg.get("seed")
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
+        log.info("seed=null: drew seed %d", seed)
+    seed = int(seed)
+    L.seed_everything(seed, workers=True)
+    if cfg.get("float32_matmul_precision"):
+        torch.set_float32_matmul_precision(str(cfg.float32_matmul_precision))
+    ckpt_path = _check_ckpt_path(cfg.get("ckpt_path"))
+
+    config = plain(cfg)  # resolves every interpolation (paths, ${data.channels}, ...)
+    config["seed"] = seed
+    output_dir = Path(config.get("paths", {}).get("output_dir") or os.getcwd())
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    log.info("instantiating datamodule <%s>", cfg.data.get("_target_"))
+    inner = _instantiate(cfg.data, "the datamodule (data=...)")
+    datamodule = ReproducibleDataModule(inner, seed=seed)
+
+    mod_cfg = dict(config.get("module") or {})
+    target = mod_cfg.pop("_target_", "analytic_dpm.training.DiffusionModule")
+    from hydra.utils import get_class
+
+    module_cls = get_class(target)
+    try:
+        module: DiffusionModule = module_cls(
+            model=config["model"], schedule=config["diffusion"]["schedule"], N=int(config["diffusion"]["N"]),
+            seed=seed, config=config, **mod_cfg,
+        )  # fmt: skip
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot build the module / network: {e}") from None
+    log.info("model: %s with %.2fM parameters", config["model"].get("_target_"), module.num_parameters() / 1e6)
+
+    callbacks = _collect(cfg.get("callbacks"), "callback")
+    loggers = _collect(cfg.get("logger"), "logger")
+    if cfg.trainer.get("enable_progress_bar", True) is False:  # Lightning refuses a bar callback then
+        from lightning.pytorch.callbacks.progress import ProgressBar
+
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not loggers:  # LearningRateMonitor refuses to run without a logger
+        dropped = [c for c in callbacks if type(c).__name__ == "LearningRateMonitor"]
+        callbacks = [c for c in callbacks if c not in dropped]
+        if dropped:
+            log.info("no logger: LearningRateMonitor disabled")
+    trainer: L.Trainer = _instantiate(cfg.trainer, "the trainer (trainer=...)", callbacks=callbacks,
+                                      logger=loggers if loggers else False)
+
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    finally:
+        _finish_wandb()
+    seconds = time.perf_counter() - start
+
+    last = None
+    ckpt_cb = getattr(trainer, "checkpoint_callback", None)
+    if ckpt_cb is not None:
+        last = getattr(ckpt_cb, "last_model_path", None) or getattr(ckpt_cb, "best_model_path", None) or None
+    history: list = []
+    for cb in trainer.callbacks:
+        history.extend(getattr(cb, "history", []) if type(cb).__name__ == "GammaCalibration" else [])
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    summary = {
+        "output_dir": str(output_dir),
+        "last_checkpoint": last,
+        "global_step": int(trainer.global_step),
+        "epoch": int(trainer.current_epoch),
+        "seconds": seconds,
+        "metrics": metrics,
+        "gamma_history": history,
+        "module": module,
+        "trainer": trainer,
+    }
+    if last:
+        log.info("checkpoint with Gamma: %s", last)
+    return summary
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (DatasetNotAvailableError, FileNotFoundError, ConfigError)
+
+
+def run_cli(cfg: DictConfig) -> float | None:
+    """The Hydra task of ``train.py``: prints a one-paragraph error and exits 2 on a user error."""
+    if cfg.get("print_config", False):
+        print(OmegaConf.to_yaml(cfg, resolve=False))
+    try:
+        summary = train(cfg)
+    except USER_ERRORS as e:
+        log.error("%s", e)
+        print(f"\nerror: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    loss = summary["metrics"].get("train/loss")
+    return loss
