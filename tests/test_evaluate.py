@@ -158,3 +158,61 @@ def test_bad_input_gives_clear_errors(tmp_path):
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
                           timeout=300)
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------ a real (tiny) checkpoint
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A 4-step run of the tiny training config (tests/test_training.py) with Gamma in its checkpoint."""
+    from test_training import make_cfg
+
+    from analytic_dpm.training import train
+
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    train(make_cfg(run_dir))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def test_checkpoint_grid_and_gamma_sources(tmp_path, tiny_ckpt):
+    from analytic_dpm.training import load_checkpoint
+
+    loaded = load_checkpoint(tiny_ckpt)
+    grid = [f"ckpt_path={tiny_ckpt}", "eval.K=[5,50]", "eval.trajectory=[even,optimal]", "eval.metrics=[nll]",
+            "eval.nll.num_images=8", "wandb.mode=disabled"]
+    rows = evaluate(_cfg(tmp_path / "a", *grid))
+    by = {(r["method"], r["trajectory"], r["K"]): r for r in rows}
+    assert len(by) == 2 * 2 * 5
+    for key, row in by.items():
+        if row["forward"] == "ddpm":
+            assert math.isfinite(row["nll_bpd"]) and row["num_nll_images"] == 8, key
+            assert row["gamma_M"] == loaded.gamma_meta["M"]
+    # Gamma from a file overrides the checkpoint's; recalibration uses eval.calibration.num_samples
+    gpath = tmp_path / "gamma.pt"
+    torch.save(loaded.gamma * 0.5, gpath)
+    rows = evaluate(_cfg(tmp_path / "b", *grid, f"eval.gamma_path={gpath}", "eval.method=[analytic_ddpm]"))
+    assert all(r["gamma_M"] is None for r in rows)
+    assert {r["nll_bpd"] for r in rows} != {by[(r["method"], r["trajectory"], r["K"])]["nll_bpd"] for r in rows}
+    rows = evaluate(_cfg(tmp_path / "c", *grid, "eval.recalibrate=true", "eval.calibration.num_samples=3",
+                         "eval.method=[analytic_ddpm]"))
+    assert all(r["gamma_M"] == 3 for r in rows)
+
+
+def test_checkpoint_without_gamma_says_how_to_calibrate(tmp_path, tiny_ckpt):
+    from analytic_dpm.evaluation.setup import UserError
+
+    ckpt = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)
+    ckpt["analytic_dpm"].pop("gamma")
+    bare = tmp_path / "no_gamma.ckpt"
+    torch.save(ckpt, bare)
+    with pytest.raises(UserError, match="calibrate"):
+        evaluate(_cfg(tmp_path, f"ckpt_path={bare}", "eval.metrics=[nll]", "wandb.mode=disabled"))
+
+
+def test_missing_fid_weights_is_a_clear_error(tmp_path):
+    from analytic_dpm.evaluation.setup import UserError, _fid_context
+
+    cfg = _cfg(tmp_path, "eval.fid.weights_path=/nowhere/inception.pth")
+    with pytest.raises(UserError, match="make fid-weights"):
+        _fid_context(cfg, datamodule=None, device=torch.device("cpu"))
+    cfg = _cfg(tmp_path, "eval.fid.weights_path=/nowhere/inception.pth", "eval.fid.skip_if_missing_weights=true")
+    assert _fid_context(cfg, datamodule=None, device=torch.device("cpu")) is None

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .schedule import NoiseSchedule
 from .validation import check_gamma, check_K, validate_trajectory
-from .variance import DataRange, posterior_cov_estimate
+from .variance import DataRange
 
 TRAJECTORY_KINDS = ("even", "quadratic", "optimal")
 QUADRATIC_DUPLICATES = ("reject", "dedupe")
@@ -253,7 +253,9 @@ def make_trajectory(
             raise ValueError(f"K = {K} but the explicit trajectory has {len(taus)} timesteps")
         return taus
     if kind not in TRAJECTORY_KINDS:
-        raise ValueError(f"unknown trajectory kind {kind!r}; choose one of {', '.join(TRAJECTORY_KINDS)} or pass a list")
+        raise ValueError(
+            f"unknown trajectory kind {kind!r}; choose one of {', '.join(TRAJECTORY_KINDS)} or pass a list"
+        )
     if K is None:
         raise ValueError("K (number of sampling steps) is required")
     check_K(K, N)

@@ -144,13 +144,18 @@ class GridRunner:
         for (traj_kind, K), group in bar:
             bar.set_postfix_str(f"{traj_kind} K={K}")
             todo_nll = [c for c in group if "nll" in self.metrics and not self.store.done(self._key(c), ("nll_bpd",))]
-            fid_Ks = as_list(self.cfg.get("fid", {}).get("K"))  # FID is costly: optionally on a subset of K
-            todo_fid = [c for c in group if "fid" in self.metrics and (not fid_Ks or c.K in fid_Ks)
+            todo_fid = [c for c in group if "fid" in self.metrics and self._fid_wanted(c)
                         and not self.store.done(self._key(c), ("fid",))]
             if todo_nll:
                 self._nll_group(todo_nll)
             for c in todo_fid:
                 self._fid_cell(c)
+
+    def _fid_wanted(self, cell: Cell) -> bool:
+        """FID is costly: ``eval.fid.K`` / ``eval.fid.method`` (null = all) restrict it to a sub-grid."""
+        fcfg = self.cfg.get("fid", {})
+        Ks, methods = as_list(fcfg.get("K")), as_list(fcfg.get("method"))
+        return (not Ks or cell.K in Ks) and (not methods or cell.method in methods)
 
     def _undefined(self, cell: Cell, metric: str, reason: str) -> None:
         row = self._base_row(cell)

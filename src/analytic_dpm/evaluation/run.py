@@ -65,8 +65,10 @@ def evaluate(cfg: DictConfig) -> list[dict]:
 
 
 def run_cli(cfg: DictConfig):
+    from ..data import DatasetNotAvailableError
+
     try:
         return evaluate(cfg)
-    except UserError as err:
+    except (UserError, DatasetNotAvailableError) as err:  # the message says what to do; no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -127,13 +126,16 @@ def _checkpoint_context(cfg, device: torch.device) -> EvalContext:
     images = datamodule.data_range is not None
     fid_ctx = _fid_context(cfg, datamodule, device) if "fid" in [str(m) for m in _list(e.metrics)] else None
     name = getattr(datamodule, "name", None) or str(data_cfg.get("_target_", "data")).rsplit(".", 1)[-1]
+    if images:
+        nll_options = dict(decoder=e.nll.decoder, decoder_variance=e.nll.decoder_variance,
+                           clip_x0=bool(e.nll.clip_x0), cdf=e.nll.cdf, data_range=tuple(datamodule.data_range))
+    else:  # continuous, unbounded data (synthetic): continuous decoder with the method's own variance
+        nll_options = dict(decoder="continuous", decoder_variance="method", clip_x0=False, data_range=None)
     return EvalContext(
         eps_model=ck.model, schedule=schedule, gamma=gamma, gamma_M=gamma_M, dataset=name,
         data_range=tuple(datamodule.data_range) if images else None, heldout=heldout, num_heldout=n_test,
         sample_shape=(datamodule.channels, datamodule.image_size, datamodule.image_size), device=device,
-        is_image=images, fid=fid_ctx,
-        nll_options=dict(decoder=e.nll.decoder, decoder_variance=e.nll.decoder_variance, clip_x0=bool(e.nll.clip_x0),
-                         cdf=e.nll.cdf, data_range=tuple(datamodule.data_range) if images else None),
+        is_image=images, fid=fid_ctx, nll_options=nll_options,
     )
 
 
