@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .pixels import to_model_space
 from .schedule import NoiseSchedule
 
 DataSource = Tensor | Callable[[int, torch.Generator], Tensor]
@@ -33,10 +34,7 @@ def _draw(data: DataSource, idx_count: int, generator: torch.Generator, device) 
         x = data[idx.to(data.device)]
     else:
         x = data(idx_count, generator)
-    x = x.to(device, non_blocking=True)
-    if x.dtype == torch.uint8:  # images k in {0..255} -> 2 k / 255 - 1 (spec section 0)
-        x = x.float() / 127.5 - 1.0
-    return x.float()
+    return to_model_space(x.to(device, non_blocking=True)).float()
 
 
 @torch.no_grad()

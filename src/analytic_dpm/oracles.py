@@ -20,6 +20,13 @@ class _Oracle:
         self.shape = tuple(int(s) for s in shape)
         self.dim = math.prod(self.shape)
 
+    def _schedule_on(self, device) -> NoiseSchedule:
+        """The schedule on ``device``, moved once per device rather than on every call."""
+        cache = self.__dict__.setdefault("_schedules", {self.schedule.device: self.schedule})
+        if device not in cache:
+            cache[device] = self.schedule.to(device)
+        return cache[device]
+
     def _coeffs(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """(abar_t, bbar_t) as float64 tensors broadcastable against x."""
         t = torch.as_tensor(t, device=x.device).long().reshape(-1)
@@ -27,7 +34,7 @@ class _Oracle:
             t = t.expand(x.shape[0])
         if (t < 1).any() or (t > self.schedule.N).any():
             raise ValueError(f"timesteps must lie in 1..N = 1..{self.schedule.N}")
-        sched = self.schedule.to(x.device) if self.schedule.device != x.device else self.schedule
+        sched = self._schedule_on(x.device)
         view = (-1,) + (1,) * (x.ndim - 1)
         return sched.alphas_cumprod[t].view(view), sched.bbar[t].view(view)
 

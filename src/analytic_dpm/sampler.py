@@ -15,7 +15,7 @@ from .gamma import model_device
 from .methods import check_method, needs_gamma
 from .schedule import NoiseSchedule
 from .validation import check_gamma, validate_trajectory
-from .variance import DataRange, forward_variance, reverse_variance
+from .variance import DataRange, forward_variance, reverse_variance, trajectory_pairs
 
 
 def predict_x0(x_t: Tensor, eps_hat: Tensor, abar_t, bbar_t, clip_range: DataRange) -> Tensor:
@@ -69,9 +69,11 @@ def sample(
             raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)} was requested")
         x = x_T.to(device=device, dtype=torch.float32)
 
-    steps = list(zip([0] + taus[:-1], taus))
+    s_idx, t_idx = trajectory_pairs(taus)
+    beta_ts = schedule.beta_ts(s_idx, t_idx).tolist()  # per-pair coefficients, computed once
+    lam2_ddim = forward_variance(schedule, s_idx, t_idx, "ddim", eta).tolist()
     for k in tqdm(range(len(taus), 0, -1), desc=f"sampling {method}", disable=not progress, leave=False):
-        s, t = steps[k - 1]
+        s, t = int(s_idx[k - 1]), taus[k - 1]
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
         eps_hat = eps_model(x, t_batch).float()
         x0_hat = predict_x0(x, eps_hat, abar[t], bbar[t], clip_range)
@@ -80,13 +82,11 @@ def sample(
         else:
             if forward == "ddpm":
                 # mu = sqrt(abar_s) beta_{t|s} / bbar_t x0hat + sqrt(alpha_{t|s}) bbar_s / bbar_t x_t
-                beta_ts = float(schedule.beta_ts(s, t))
                 alpha_ts = abar[t] / abar[s]
-                mu = (abar[s] ** 0.5 * beta_ts / bbar[t]) * x0_hat + (alpha_ts**0.5 * bbar[s] / bbar[t]) * x
+                mu = (abar[s] ** 0.5 * beta_ts[k - 1] / bbar[t]) * x0_hat + (alpha_ts**0.5 * bbar[s] / bbar[t]) * x
             else:
                 # mu = sqrt(abar_s) x0hat + sqrt(bbar_s - lambda^2) epshat   (raw epshat)
-                lam2 = float(forward_variance(schedule, s, t, "ddim", eta))
-                mu = abar[s] ** 0.5 * x0_hat + max(bbar[s] - lam2, 0.0) ** 0.5 * eps_hat
+                mu = abar[s] ** 0.5 * x0_hat + max(bbar[s] - lam2_ddim[k - 1], 0.0) ** 0.5 * eps_hat
             z = torch.randn(x.shape, generator=generator, device=gen_device).to(device)
             x = mu + sigma2[k - 1] ** 0.5 * z
         if callback is not None:

@@ -49,6 +49,11 @@ class NoiseSchedule:
                 "or the cosine schedule."
             )
         object.__setattr__(self, "betas", b.to(torch.float64))
+        # derived tables, computed once (the schedule is immutable)
+        log_abar = torch.cumsum(torch.log1p(-self.betas), 0)
+        object.__setattr__(self, "_log_abar", log_abar)
+        object.__setattr__(self, "_abar", torch.cumprod(1 - self.betas, 0))
+        object.__setattr__(self, "_bbar", 0.0 - torch.expm1(log_abar))  # 0 - (.) turns -0.0 at n = 0 into +0.0
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -85,18 +90,18 @@ class NoiseSchedule:
 
     @property
     def log_alphas_cumprod(self) -> Tensor:
-        # log abar_n = sum_{i<=n} log(1 - beta_i); log1p keeps small betas exact.
-        return torch.cumsum(torch.log1p(-self.betas), 0)
+        """log abar_n = sum_{i<=n} log(1 - beta_i); log1p keeps small betas exact."""
+        return self._log_abar
 
     @property
     def alphas_cumprod(self) -> Tensor:
         """abar_n, recomputed as cumprod(1 - beta) (spec section 1)."""
-        return torch.cumprod(1 - self.betas, 0)
+        return self._abar
 
     @property
     def bbar(self) -> Tensor:
         """bbar_n = 1 - abar_n, computed as -expm1(log abar_n) (exact for small n)."""
-        return 0.0 - torch.expm1(self.log_alphas_cumprod)  # 0 - (.) turns -0.0 at n = 0 into +0.0
+        return self._bbar
 
     def to(self, device) -> NoiseSchedule:
         return NoiseSchedule(self.betas.to(device), name=self.name)

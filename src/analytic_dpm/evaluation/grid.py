@@ -79,7 +79,9 @@ def as_list(value) -> list:
 
 
 def plan_cells(methods, trajectories, Ks, N: int) -> list[Cell]:
-    methods = [check_method(str(m)) and str(m) for m in as_list(methods)]
+    methods = [str(m) for m in as_list(methods)]
+    for m in methods:
+        check_method(m)
     trajectories = [str(t) for t in as_list(trajectories)]
     for t in trajectories:
         if t not in TRAJECTORY_KINDS:

@@ -13,7 +13,7 @@ from ..gamma import estimate_gamma
 from ..oracles import GaussianMixtureOracle, GaussianOracle
 from ..schedule import NoiseSchedule
 from ..validation import check_gamma
-from .grid import EvalContext, FidContext
+from .grid import EvalContext, FidContext, as_list
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _checkpoint_context(cfg, device: torch.device) -> EvalContext:
         return to_model_space(datamodule.heldout(None if n is None else min(int(n), n_test)))
 
     images = datamodule.data_range is not None
-    fid_ctx = _fid_context(cfg, datamodule, device) if "fid" in [str(m) for m in _list(e.metrics)] else None
+    fid_ctx = _fid_context(cfg, datamodule, device) if "fid" in [str(m) for m in as_list(e.metrics)] else None
     name = getattr(datamodule, "name", None) or str(data_cfg.get("_target_", "data")).rsplit(".", 1)[-1]
     if images:
         nll_options = dict(decoder=e.nll.decoder, decoder_variance=e.nll.decoder_variance,
@@ -137,10 +137,6 @@ def _checkpoint_context(cfg, device: torch.device) -> EvalContext:
         sample_shape=(datamodule.channels, datamodule.image_size, datamodule.image_size), device=device,
         is_image=images, fid=fid_ctx, nll_options=nll_options,
     )
-
-
-def _list(v):
-    return [v] if isinstance(v, (str, int, float)) else list(v or [])
 
 
 def _fid_context(cfg, datamodule, device) -> FidContext | None:
