@@ -26,3 +26,15 @@ def random_inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A 4-step run of the tiny training config (tests/test_training.py) with Gamma in its checkpoint."""
+    from test_training import make_cfg
+
+    from analytic_dpm.training import train
+
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    train(make_cfg(run_dir))
+    return run_dir / "checkpoints" / "last.ckpt"

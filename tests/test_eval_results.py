@@ -88,6 +88,7 @@ def test_columns_exact_order():
     assert COLUMNS == [
         "dataset", "schedule", "N", "forward", "method", "trajectory", "K", "nll_bpd", "fid",
         "num_nll_images", "num_fid_samples", "gamma_M", "seed", "seconds", "note",
+        "model_id", "model_step", "gamma_hash", "precision", "gamma_policy", "version", "nll_id", "fid_id",
     ]  # fmt: skip
 
 
@@ -241,7 +242,7 @@ def test_merge_cli(tmp_path, capsys):
     # rerunning does not read its own output back in
     assert merge_main([str(multirun), "--no-plots", "--out", str(out)]) == 0
     assert "from 2 result files" in capsys.readouterr().out
-    assert merge_main([str(tmp_path / "multirun" / "2025-01-01" / "12-00-00" / ".hydra")]) == 1
+    assert merge_main([str(tmp_path / "multirun" / "2025-01-01" / "12-00-00" / ".hydra")]) == 2
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from analytic_dpm import NoiseSchedule
 from analytic_dpm.evaluation import ResultStore, load_rows
 from analytic_dpm.evaluation.grid import EvalContext, FidContext, GridRunner, plan_cells
 from analytic_dpm.evaluation.run import evaluate
+from analytic_dpm.evaluation.settings import EvalSettings
+from analytic_dpm.evaluation.setup import UserError
 from analytic_dpm.oracles import GaussianOracle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,9 +80,9 @@ def test_oracle_gaussian_grid_matches_closed_form_and_resumes(tmp_path, monkeypa
     # ... while a new K is computed (and only it)
     monkeypatch.undo()
     _offline = dict(os.environ)  # noqa: F841
-    rows = evaluate(_cfg(tmp_path, *ORACLE_GRID[:1], "eval.K=[2,10,25]", "eval.trajectory=[even,optimal]",
-                         "model.num_heldout=256", "wandb.mode=disabled"))
-    assert {r["K"] for r in rows} == {2, 10, 25}
+    rows = evaluate(_cfg(tmp_path, *ORACLE_GRID, "eval.K=[2,10,25]", "eval.trajectory=[even]",
+                         "wandb.mode=disabled"))
+    assert {r["K"] for r in rows} == {2, 10, 25} and {r["trajectory"] for r in rows if r["K"] == 25} == {"even"}
     assert table[("analytic_ddpm", "even", 2)]["nll_bpd"] == next(
         r["nll_bpd"] for r in rows if (r["method"], r["trajectory"], r["K"]) == ("analytic_ddpm", "even", 2))
 
@@ -115,7 +117,8 @@ def test_fid_cells_stream_samples_and_save_a_grid(tmp_path, random_inception_wei
                       data_range=(-1.0, 1.0), heldout=lambda n: oracle.sample_data(n or 8), num_heldout=8,
                       sample_shape=(3, 16, 16), device=torch.device("cpu"), fid=FidContext(features, ref))
     store = ResultStore(tmp_path)
-    cfg = {"metrics": ["fid"], "seed": 0, "fid": {"num_samples": 8, "batch_size": 5}}
+    cfg = EvalSettings.from_config({"K": [2], "trajectory": ["even", "optimal"], "method": ["ddim", "analytic_ddim"],
+                                    "metrics": ["fid"], "seed": 0, "fid": {"num_samples": 8, "batch_size": 5}})
     # each FID costs Inception passes and a 2048-d matrix square root on the CPU: one defined cell, one not
     GridRunner(ctx, store, cfg).run(plan_cells(["analytic_ddim"], ["even"], [2], 1000)
                                     + plan_cells(["ddim"], ["optimal"], [2], 1000))
@@ -134,7 +137,7 @@ def test_every_eval_config_composes(tmp_path):
 
 
 def test_bad_input_gives_clear_errors(tmp_path):
-    from analytic_dpm.evaluation.setup import UserError, load_gamma_file
+    from analytic_dpm.evaluation.setup import load_gamma_file
 
     with pytest.raises(UserError, match="ckpt_path"):
         evaluate(_cfg(tmp_path, "wandb.mode=disabled"))
@@ -142,11 +145,11 @@ def test_bad_input_gives_clear_errors(tmp_path):
         evaluate(_cfg(tmp_path, "ckpt_path=/nonexistent/last.ckpt", "wandb.mode=disabled"))
     bad = tmp_path / "corrupt.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="not a readable"):
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint: not a file written by torch.save"):
         evaluate(_cfg(tmp_path, f"ckpt_path={bad}", "wandb.mode=disabled"))
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(UserError, match="unknown value"):
         evaluate(_cfg(tmp_path, *ORACLE_GRID, "eval.method=[ddpm_large]", "wandb.mode=disabled"))
-    with pytest.raises(ValueError, match="outside 1..N"):
+    with pytest.raises(UserError, match="outside 1..N"):
         evaluate(_cfg(tmp_path, *ORACLE_GRID, "eval.K=[2000]", "wandb.mode=disabled"))
     g = tmp_path / "gamma.json"
     g.write_text(json.dumps([0.5] * 10))
@@ -161,16 +164,7 @@ def test_bad_input_gives_clear_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------ a real (tiny) checkpoint
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """A 4-step run of the tiny training config (tests/test_training.py) with Gamma in its checkpoint."""
-    from test_training import make_cfg
-
-    from analytic_dpm.training import train
-
-    run_dir = tmp_path_factory.mktemp("train") / "run"
-    train(make_cfg(run_dir))
-    return run_dir / "checkpoints" / "last.ckpt"
+# (the session fixture tiny_ckpt lives in conftest.py)
 
 
 def test_checkpoint_grid_and_gamma_sources(tmp_path, tiny_ckpt):
@@ -205,14 +199,16 @@ def test_checkpoint_without_gamma_says_how_to_calibrate(tmp_path, tiny_ckpt):
     bare = tmp_path / "no_gamma.ckpt"
     torch.save(ckpt, bare)
     with pytest.raises(UserError, match="calibrate"):
-        evaluate(_cfg(tmp_path, f"ckpt_path={bare}", "eval.metrics=[nll]", "wandb.mode=disabled"))
+        evaluate(_cfg(tmp_path, f"ckpt_path={bare}", "eval.metrics=[nll]", "eval.K=[5]", "wandb.mode=disabled"))
 
 
 def test_missing_fid_weights_is_a_clear_error(tmp_path):
-    from analytic_dpm.evaluation.setup import UserError, _fid_context
+    from analytic_dpm.evaluation.setup import _fid_context
 
-    cfg = _cfg(tmp_path, "eval.fid.weights_path=/nowhere/inception.pth")
+    def settings(*overrides):
+        return EvalSettings.from_config(_cfg(tmp_path, *overrides).eval)
+
     with pytest.raises(UserError, match="make fid-weights"):
-        _fid_context(cfg, datamodule=None, device=torch.device("cpu"))
-    cfg = _cfg(tmp_path, "eval.fid.weights_path=/nowhere/inception.pth", "eval.fid.skip_if_missing_weights=true")
-    assert _fid_context(cfg, datamodule=None, device=torch.device("cpu")) is None
+        _fid_context(settings("eval.fid.weights_path=/nowhere/inception.pth"), None, torch.device("cpu"))
+    s = settings("eval.fid.weights_path=/nowhere/inception.pth", "eval.fid.skip_if_missing_weights=true")
+    assert _fid_context(s, None, torch.device("cpu")) is None

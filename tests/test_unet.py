@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from analytic_dpm.nets import UNet, timestep_embedding
+from analytic_dpm.nets.unet import AttentionBlock, Downsample, ResBlock
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -187,15 +189,118 @@ def test_bf16_autocast_runs_attention_in_float32(monkeypatch):
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+DDPM_OPTIONS = dict(time_embedding="ddpm", downsample_padding="asymmetric", norm_eps=1e-6)
+
+
 @pytest.mark.slow
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize(
+    "options", [{}, {**DDPM_OPTIONS, "num_heads": 2, "num_heads_upsample": 1}], ids=["iddpm", "ddpm"]
+)
+def test_torch_compile_fullgraph(options):
     """No graph breaks (the `eager` backend checks Dynamo tracing without needing a C++ compiler)."""
     torch.manual_seed(0)
-    model = tiny(in_channels=1, image_size=28, channel_mult=(1, 2, 2), attention_resolutions=[7]).eval()
+    model = tiny(in_channels=1, image_size=28, channel_mult=(1, 2, 2), attention_resolutions=[7], **options).eval()
     perturb_(model)
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([1, 999])
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     assert torch.allclose(compiled(x, t), model(x, t), atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Options that make the UNet identical to DDPM / iDDPM (issue 8)
+# --------------------------------------------------------------------------------------------------------
+def test_emb_act_applies_silu_before_the_projection():
+    torch.manual_seed(0)
+    block = ResBlock(32, 128, dropout=0.0, out_channels=64, use_scale_shift_norm=True).eval()
+    assert block.emb_act is True  # the DDPM / iDDPM architecture is the default
+    perturb_(block)
+    x, emb = torch.randn(2, 32, 8, 8), torch.randn(2, 128)
+
+    def by_hand(act: bool) -> torch.Tensor:  # iDDPM's ResBlock._forward, written out
+        h = block.in_conv(F.silu(block.in_norm(x)))
+        e = block.emb_proj(F.silu(emb) if act else emb)[:, :, None, None]
+        scale, shift = e.chunk(2, dim=1)
+        h = F.silu(block.out_norm(h) * (1 + scale) + shift)
+        return block.skip(x) + block.out_conv(h)
+
+    with torch.no_grad():
+        assert torch.allclose(block(x, emb), by_hand(True), atol=1e-6)
+        block.emb_act = False  # networks trained by this project before issue 8
+        assert torch.allclose(block(x, emb), by_hand(False), atol=1e-6)
+        assert not torch.allclose(by_hand(True), by_hand(False), atol=1e-3)
+    blocks = [m for m in tiny(emb_act=False).modules() if isinstance(m, ResBlock)]
+    assert blocks and not any(m.emb_act for m in blocks)
+
+
+def test_ddpm_timestep_embedding_closed_form():
+    t = torch.tensor([0.0, 1.0, 37.0, 999.0])
+    emb = timestep_embedding(t, 8, kind="ddpm")
+    k = torch.arange(4, dtype=torch.float64)
+    freqs = torch.exp(-math.log(10000.0) * k / 3)  # DDPM: k / (half - 1), so the last frequency is 1/10000
+    args = t.double()[:, None] * freqs
+    assert torch.allclose(emb.double(), torch.cat([torch.sin(args), torch.cos(args)], 1), atol=2e-4)
+    assert torch.allclose(emb[:, 3], torch.sin(t / 10000.0), atol=1e-6)  # sines first, lowest frequency last
+    assert not torch.allclose(emb, timestep_embedding(t, 8))  # iDDPM's differs (cosines first, k / half)
+    with pytest.raises(ValueError, match="unknown time embedding"):
+        timestep_embedding(t, 8, kind="fourier")
+
+
+def test_asymmetric_downsample_is_ddpm_same_padding():
+    torch.manual_seed(0)
+    sym, asym = Downsample(4), Downsample(4, padding="asymmetric")
+    asym.op.load_state_dict(sym.op.state_dict())  # same keys (op.weight, op.bias), same weights
+    assert set(asym.state_dict()) == set(sym.state_dict()) == {"op.weight", "op.bias"}
+    x = torch.randn(2, 4, 8, 8)
+    expected = F.conv2d(F.pad(x, (0, 1, 0, 1)), asym.op.weight, asym.op.bias, stride=2)
+    assert asym(x).shape == sym(x).shape == (2, 4, 4, 4)
+    assert torch.allclose(asym(x), expected, atol=1e-6)
+    assert not torch.allclose(asym(x), sym(x), atol=1e-3)
+    with pytest.raises(ValueError, match="unknown downsample padding"):
+        Downsample(4, padding="reflect")
+
+
+def test_ddpm_options_reach_every_layer():
+    model = tiny(in_channels=3, **DDPM_OPTIONS)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.eps == 1e-6 for m in norms)
+    downs = [m for m in model.modules() if isinstance(m, Downsample)]
+    assert downs and all(isinstance(m.pad, torch.nn.ZeroPad2d) and m.op.padding == (0, 0) for m in downs)
+    assert model.time_embedding == "ddpm"
+    assert n_params(model) == n_params(tiny(in_channels=3))  # parameter-free options
+    assert all(m.eps == 1e-5 for m in tiny().modules() if isinstance(m, torch.nn.GroupNorm))
+
+
+def test_num_heads_upsample():
+    model = tiny(in_channels=3, attention_resolutions=[16, 8], num_heads=4, num_heads_upsample=2)
+    heads = {name.split(".")[0]: m.num_heads for name, m in model.named_modules() if isinstance(m, AttentionBlock)}
+    assert heads == {"input_blocks": 4, "middle_block": 4, "output_blocks": 2}
+    assert tiny(num_heads=2, num_heads_upsample=-1).num_heads_upsample == 2  # iDDPM's -1: same as num_heads
+    with pytest.raises(ValueError, match="not divisible by num_heads_upsample=3"):
+        tiny(num_heads_upsample=3)
+
+
+def test_attention_qkv_channel_order_is_three_heads_d():
+    """The qkv conv's output channels are (3, heads, d): the order the pretrained key mapping relies on."""
+    torch.manual_seed(0)
+    c, heads = 64, 4
+    block = AttentionBlock(c, heads).eval()
+    perturb_(block)
+    x = torch.randn(2, c, 4, 4)
+    with torch.no_grad():
+        qkv = block.qkv(block.norm(x)).reshape(2, 3, heads, c // heads, 16)  # (3, heads, d) by construction
+        q, k, v = qkv.unbind(1)  # each [B, heads, d, HW]
+        w = torch.softmax(torch.einsum("bhdt,bhds->bhts", q, k) / math.sqrt(c // heads), dim=-1)
+        h = torch.einsum("bhts,bhds->bhdt", w, v).reshape(2, c, 4, 4)
+        assert torch.allclose(block(x), x + block.proj_out(h), atol=1e-5)
+
+
+def test_model_configs_set_the_issue8_options():
+    for path in CONF_DIR.glob("unet_*.yaml"):
+        cfg = OmegaConf.load(path)
+        assert cfg.emb_act is True, path.name  # stated explicitly: older stored configs lack the key
+        ddpm = path.stem in ("unet_cifar10_ddpm", "unet_celeba64")
+        expected = ("ddpm", "asymmetric") if ddpm else ("iddpm", "symmetric")
+        assert (cfg.time_embedding, cfg.downsample_padding) == expected, path.name
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ Cost: N * M network evaluations, batched across timesteps so the model always se
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -14,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .pixels import to_model_space
 from .schedule import NoiseSchedule
+from .validation import FiniteWatch
 
 DataSource = Tensor | Callable[[int, torch.Generator], Tensor]
 
@@ -60,6 +63,9 @@ def estimate_gamma(
         batch_size: network batch; every batch mixes timesteps, so it is always full.
         generator: source of all randomness (indices and noise). Default: a new generator seeded 0 on
             the model's device, so calibration never touches the global RNG of a training run.
+
+    A network output that is NaN or inf raises :class:`~analytic_dpm.validation.NonFiniteOutputError` (smallest
+    such timestep); see :func:`gamma_warnings` for a Gamma that is finite but implausible.
     """
     N = schedule.N
     if num_samples < 1 or batch_size < 1:
@@ -74,6 +80,7 @@ def estimate_gamma(
 
     total = N * num_samples  # flattened (n, i) pairs, n-major
     sums = torch.zeros(N + 1, dtype=torch.float64, device=device)
+    watch = FiniteWatch("estimate_gamma", device, sentinel=N + 1)  # NaN/inf network outputs, checked once
     bar = tqdm(total=total, desc="Gamma calibration", unit="eval", disable=not progress, leave=False)
     for start in range(0, total, batch_size):
         count = min(batch_size, total - start)
@@ -84,9 +91,67 @@ def estimate_gamma(
         # x_n = sqrt(abar_n) x_0 + sqrt(bbar_n) eps
         x_n = (sqrt_abar[n].view(view) * x0 + sqrt_bbar[n].view(view) * eps).float()
         eps_hat = eps_model(x_n, n).float()
+        watch.observe(eps_hat, n)
         sums.index_add_(0, n, eps_hat.flatten(1).pow(2).mean(1).double())
         bar.update(count)
     bar.close()
+    watch.check()
     gamma = sums / num_samples
     gamma[0] = 0.0
     return gamma
+
+
+def gamma_warnings(gamma: Tensor, schedule: NoiseSchedule | None = None) -> list[str]:
+    """Plain-language warnings about an implausible (finite) Gamma; empty when it looks sane.
+
+    gamma_n = E ||epshat(x_n, n)||^2 / d should stay at or below about 1 (a perfect predictor has
+    gamma_n = 1 - abar_n/bbar_n E tr Cov[x_0|x_n]/d <= 1); Monte-Carlo noise pushes a few large-n values
+    slightly above 1. Gamma above 1 on most timesteps means the predictor is not a trained epsilon predictor of this
+    data in this convention.
+    """
+    g = torch.as_tensor(gamma, dtype=torch.float64)[1:]
+    out: list[str] = []
+    if g.numel() == 0:
+        return out
+    above = float((g > 1.0).double().mean())
+    if above > 0.5:
+        out.append(
+            f"Gamma exceeds 1 on {100 * above:.0f}% of the timesteps (max {float(g.max()):.3g}); a trained noise "
+            "predictor keeps E||eps_hat||^2/d <= 1. Likely causes: an untrained or diverged network, a wrong "
+            "timestep convention (t vs t - 1, or rescaled timesteps) for a pretrained model, or data not in [-1, 1]."
+        )
+    return out
+
+
+def read_gamma_vector(path: str | Path):
+    """The raw Gamma vector stored in a file: ``.npy``, ``.json`` (a list, or ``{"gamma": [...]}``), or ``.pt``/``.pth``
+    (a tensor, a dict with ``"gamma"``, or a training checkpoint with ``["analytic_dpm"]["gamma"]``).
+
+    Reads data only (``weights_only=True``, ``allow_pickle=False``): a Gamma file may come from someone else.
+    """
+    import numpy as np
+
+    p = Path(path).expanduser()
+    if p.suffix == ".npy":
+        return np.load(p, allow_pickle=False)
+    if p.suffix == ".json":
+        obj = json.loads(p.read_text())
+    else:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        if "gamma" in obj:
+            obj = obj["gamma"]
+        elif isinstance(obj.get("analytic_dpm"), dict) and "gamma" in obj["analytic_dpm"]:
+            obj = obj["analytic_dpm"]["gamma"]
+        else:
+            raise ValueError(f"{p}: no 'gamma' entry (keys: {sorted(map(str, obj))})")
+    return obj
+
+
+def save_gamma_file(path: str | Path, gamma: Tensor, **meta) -> Path:
+    """Write ``{"gamma": float64 tensor, **meta}`` with ``torch.save`` (atomically); :func:`read_gamma_vector` and
+    ``eval.gamma_path`` read it back. ``meta`` must be plain data (M, seed, the model's identity, ...)."""
+    from .files import atomic_write
+
+    obj = {"gamma": torch.as_tensor(gamma, dtype=torch.float64).cpu(), **meta}
+    return atomic_write(path, lambda fh: torch.save(obj, fh))

@@ -21,7 +21,7 @@ from .gamma import model_device
 from .methods import check_method, needs_gamma
 from .sampler import predict_x0
 from .schedule import NoiseSchedule
-from .validation import check_gamma, validate_trajectory
+from .validation import FiniteWatch, check_gamma, validate_trajectory
 from .variance import DataRange, pair_variance, trajectory_pairs
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def nll_bpd(
     methods get NaN (the bound is infinite for lambda = 0) with a logged reason. ``batch_size`` is the
     network batch: (timestep, image) pairs are stacked so the model sees full batches (default: one
     call per timestep). With ``return_terms`` returns ``(bpd, terms)``, terms[method] a float64
-    Tensor[batch, K+1] in bits/dim (column layout in the module docstring).
+    Tensor[batch, K+1] in bits/dim (column layout in the module docstring). A network output that is NaN or
+    inf raises :class:`~analytic_dpm.validation.NonFiniteOutputError` naming the smallest such timestep.
     """
     if isinstance(methods, str):
         methods = [methods]
@@ -154,6 +155,7 @@ def nll_bpd(
 
     total = K * B  # (pair, image) elements, pair-major
     chunk = batch_size or B
+    watch = FiniteWatch("nll_bpd", device, sentinel=schedule.N + 1)  # NaN/inf network outputs, checked once
     for start in tqdm(range(0, total, chunk), desc="NLL", disable=not progress, leave=False):
         idx = torch.arange(start, min(start + chunk, total), device=device)
         k, b = idx // B, idx % B
@@ -165,6 +167,7 @@ def nll_bpd(
         # x_t = sqrt(abar_t) x_0 + sqrt(bbar_t) eps; network and elementwise work in float32, sums in float64
         x_t = (a_t.sqrt() * x_0 + b_t.sqrt() * eps).float()
         eps_hat = eps_model(x_t, t).float()
+        watch.observe(eps_hat, t)
         x0_hat = predict_x0(x_t, eps_hat, a_t.float(), b_t.float(), clip_range)
 
         is_dec = k == 0
@@ -187,6 +190,7 @@ def nll_bpd(
                 kl = 0.5 * dim * (torch.log(s2 / l2) + l2 / s2 - 1) + 0.5 * sq_err / s2
                 terms[m][b[kl_sel], kk] = kl
 
+    watch.check()
     scale = 1.0 / (dim * math.log(2.0))
     for m in ddpm_methods:
         out_terms[m] = (terms[m] * scale).cpu()

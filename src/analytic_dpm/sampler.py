@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .gamma import model_device
 from .methods import check_method, needs_gamma
 from .schedule import NoiseSchedule
-from .validation import check_gamma, validate_trajectory
+from .validation import FiniteWatch, check_gamma, validate_trajectory
 from .variance import DataRange, forward_variance, reverse_variance, trajectory_pairs
 
 
@@ -49,6 +49,8 @@ def sample(
     x0hat and the DDPM or DDIM mean mu; x = mu + sigma_{s|t} z, with no noise at s = 0.
     ``clip_x0`` clamps x0hat to ``data_range`` (images: [-1, 1]); ``clip_sigma_y`` is the paper's
     App. F.2 clip of the pair (tau_1, tau_2). ``callback(k, t, x_s, x0hat)`` runs after each step.
+    A network output that is NaN or inf raises :class:`~analytic_dpm.validation.NonFiniteOutputError` naming the
+    first step and timestep where it appeared (tracked on the device: one host synchronisation per call).
     """
     forward = check_method(method)
     taus = validate_trajectory(trajectory, schedule.N)
@@ -72,10 +74,12 @@ def sample(
     s_idx, t_idx = trajectory_pairs(taus)
     beta_ts = schedule.beta_ts(s_idx, t_idx).tolist()  # per-pair coefficients, computed once
     lam2_ddim = forward_variance(schedule, s_idx, t_idx, "ddim", eta).tolist()
+    watch = FiniteWatch("sample", device, sentinel=schedule.N + 1)  # NaN/inf network outputs, checked once
     for k in tqdm(range(len(taus), 0, -1), desc=f"sampling {method}", disable=not progress, leave=False):
         s, t = int(s_idx[k - 1]), taus[k - 1]
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
         eps_hat = eps_model(x, t_batch).float()
+        watch.observe(eps_hat, t, step=len(taus) - k + 1)
         x0_hat = predict_x0(x, eps_hat, abar[t], bbar[t], clip_range)
         if s == 0:
             x = x0_hat  # both means are x0hat at s = 0 and no noise is added
@@ -91,4 +95,5 @@ def sample(
             x = mu + sigma2[k - 1] ** 0.5 * z
         if callback is not None:
             callback(k, t, x, x0_hat)
+    watch.check(total_steps=len(taus))
     return x

@@ -74,6 +74,19 @@ class NoiseSchedule:
         return cls(torch.cat([torch.zeros(1, dtype=torch.float64), inner]), name="cosine")
 
     @classmethod
+    def from_betas(cls, betas, name: str = "custom") -> NoiseSchedule:
+        """Any schedule from its betas ``beta_1..beta_N`` (length N, float64 recommended; public API).
+
+        Pretrained models carry their own schedules (DDPM/DDIM's unscaled linear betas, diffusers' scaled_linear,
+        trained betas, ...): rebuild them in float64 from the format's formula and pass them here. ``betas`` may
+        also be a full table of length N+1 that starts with beta_0 = 0 (index 0 = data), as the constructor takes.
+        """
+        b = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        if b.numel() >= 1 and b[0].item() != 0.0:
+            b = torch.cat([torch.zeros(1, dtype=torch.float64), b])
+        return cls(b, name=name)
+
+    @classmethod
     def from_name(cls, name: str, N: int) -> NoiseSchedule:
         if name not in SCHEDULES:
             raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")

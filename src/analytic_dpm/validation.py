@@ -60,3 +60,53 @@ def check_K(K: int, N: int) -> int:
     if K > N:
         raise ValueError(f"K = {K} exceeds N = {N}: a trajectory has at most N distinct timesteps")
     return K
+
+
+class NonFiniteOutputError(FloatingPointError):
+    """The noise predictor returned NaN or inf. Attributes: ``where`` (``"sample"``, ``"nll_bpd"``,
+    ``"estimate_gamma"``), ``timestep`` (the first timestep t, in 1..N, whose output was not finite) and ``step``
+    (the sampling step k of K, counted from the start of sampling, when known)."""
+
+    def __init__(self, where: str, timestep: int, step: int | None = None, total_steps: int | None = None):
+        self.where, self.timestep, self.step = where, int(timestep), step
+        at = f"timestep t={self.timestep}"
+        if step is not None:
+            at += f" (sampling step {step} of {total_steps})"
+        super().__init__(
+            f"{where}: the network output is not finite (NaN or inf) at {at}. The weights may be broken (a diverged "
+            "or corrupt checkpoint), or the network overflows in this precision; check the checkpoint and try fp32."
+        )
+
+
+class FiniteWatch:
+    """Remembers, on the device, the first timestep whose network output was not finite.
+
+    :meth:`observe` costs one reduction on the device and no host synchronisation; :meth:`check` synchronises once
+    (call it at the end of a batch) and raises :class:`NonFiniteOutputError`.
+    """
+
+    def __init__(self, where: str, device, sentinel: int):
+        self.where = where
+        self.sentinel = int(sentinel)  # larger than any timestep: "nothing seen"
+        self.first_t = torch.full((), self.sentinel, dtype=torch.long, device=device)
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def observe(self, out: Tensor, t: Tensor | int, step: int | None = None) -> None:
+        """``out`` [B, ...] at timesteps ``t`` ([B] or one int); keeps the smallest offending t (or the first step)."""
+        bad = ~torch.isfinite(out.detach().flatten(1)).all(1)
+        if isinstance(t, Tensor) and t.ndim == 1:
+            cand = torch.where(bad, t.to(self.first_t.device, torch.long), self.sentinel).min()
+        else:
+            cand = torch.where(bad.any(), torch.as_tensor(int(t), device=self.first_t.device), self.sentinel)
+        if step is None:
+            self.first_t = torch.minimum(self.first_t, cand)
+        else:  # sampling goes from t = N down: keep the first offending step, not the smallest t
+            new = (self.first_step < 0) & (cand < self.sentinel)
+            self.first_t = torch.where(new, cand, self.first_t)
+            self.first_step = torch.where(new, torch.as_tensor(step, device=self.first_t.device), self.first_step)
+
+    def check(self, total_steps: int | None = None) -> None:
+        t = int(self.first_t)
+        if t < self.sentinel:
+            step = int(self.first_step)
+            raise NonFiniteOutputError(self.where, t, step if step >= 0 else None, total_steps)

@@ -108,8 +108,13 @@ def decode_images(
                 else:
                     img = transform(img)
                 a = np.asarray(img, dtype=np.uint8)
-        except Exception as e:  # re-raised with the file name
-            raise RuntimeError(f"could not decode image {path}: {e}") from e
+        except Exception as e:  # re-raised with the file name, as a user error (no traceback in the CLIs)
+            from .common import DatasetNotAvailableError
+
+            raise DatasetNotAvailableError(
+                f"could not decode image {path} ({type(e).__name__}: {e}); the image folder must hold only "
+                "readable images (png, jpg, ...): remove or convert that file"
+            ) from None
         if a.ndim == 2:
             a = a[:, :, None]
         if a.shape != (image_size, image_size, channels):

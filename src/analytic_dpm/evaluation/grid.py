@@ -21,13 +21,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..files import atomic_write_text
+from ..identity import digest_json, short
 from ..likelihood import nll_bpd
 from ..methods import METHODS, check_method
 from ..sampler import sample
 from ..schedule import NoiseSchedule
 from ..trajectory import TRAJECTORY_KINDS, make_trajectory
+from ..validation import NonFiniteOutputError
 from ..variance import reverse_variance, variance_bounds
-from .results import ResultStore
+from .results import ResultStore, normalize_row
+from .settings import EvalSettings
 
 log = logging.getLogger(__name__)
 NLL_UNDEFINED_DDIM = "not defined for the DDIM forward process (lambda = 0 makes the bound infinite)"
@@ -50,12 +54,14 @@ class EvalContext:
     is_image: bool = True
     fid: Any = None  # FidContext or None
     nll_options: dict = field(default_factory=dict)
+    identity: dict = field(default_factory=dict)  # the run's identity (setup._run_identity): model, Gamma, seed...
 
 
 @dataclass
 class FidContext:
     features: Any  # analytic_dpm.fid.InceptionFeatures
     reference: Any  # analytic_dpm.fid.FeatureStats of the training split
+    identity: dict = field(default_factory=dict)  # Inception weights and reference statistics
 
 
 @dataclass(frozen=True)
@@ -101,31 +107,95 @@ def cell_seed(base: int, *parts) -> int:
 
 
 class GridRunner:
-    def __init__(self, ctx: EvalContext, store: ResultStore, cfg: dict, on_row: Callable[[dict], None] | None = None):
-        self.ctx, self.store, self.cfg = ctx, store, cfg
+    """Computes the requested cells of a grid into a :class:`ResultStore`, skipping what is already there.
+
+    A metric of a cell is reused only when the stored row's id (``nll_id`` / ``fid_id``) equals the id this run
+    produces (:meth:`nll_id`, :meth:`fid_id`); :meth:`conflicts` lists stored values computed by anything else, which
+    the caller refuses or redirects before calling :meth:`run`. A cell whose network output is not finite is
+    recorded as failed (value None, the reason in ``note``) and listed in :attr:`failures`.
+    """
+
+    def __init__(self, ctx: EvalContext, store: ResultStore, settings: EvalSettings,
+                 on_row: Callable[[dict], None] | None = None):
+        self.ctx, self.store, self.s = ctx, store, settings
         self.on_row = on_row or (lambda row: None)
-        self.seed = int(cfg.get("seed", 0))
-        self.metrics = [str(m) for m in as_list(cfg.get("metrics", ["nll"]))]
-        for m in self.metrics:
-            if m not in ("nll", "fid"):
-                raise ValueError(f"unknown metric {m!r}; choose from nll, fid")
+        self.seed = settings.seed
+        self.metrics = list(settings.metrics)
+        self.failures: list[str] = []
         if "fid" in self.metrics and not ctx.is_image:
-            log.warning("FID needs images: skipped for %s", ctx.dataset)
-            self.metrics.remove("fid")
+            log.warning("FID needs images: not defined for %s", ctx.dataset)
+        self._nll_id: str | None = None
+
+    # ------------------------------------------------------------------ identity
+    def nll_identity(self) -> dict:
+        n = self.ctx.num_heldout if self.s.nll.num_images is None else min(self.s.nll.num_images,
+                                                                           self.ctx.num_heldout)
+        return {**self.ctx.identity, "metric": "nll", "num_images": n, "batch_size": self.s.nll.batch_size,
+                "network_batch": self.s.nll.network_batch, "nll_options": self.ctx.nll_options}
+
+    def fid_identity(self, method: str) -> dict:
+        f = self.s.fid
+        return {**self.ctx.identity, "metric": "fid", "num_samples": f.num_samples, "batch_size": f.batch_size,
+                "clip_sigma_y": f.clip_sigma_y.get(method), "features": getattr(self.ctx.fid, "identity", None)}
+
+    def nll_id(self) -> str:
+        if self._nll_id is None:
+            self._nll_id = short(digest_json(self.nll_identity()))
+        return self._nll_id
+
+    def fid_id(self, method: str) -> str:
+        return short(digest_json(self.fid_identity(method)))
+
+    def identities(self) -> dict[str, dict]:
+        """id -> the full identity it hashes, for ``identities.json`` (what produced each number, readable)."""
+        out = {self.nll_id(): self.nll_identity()} if "nll" in self.metrics else {}
+        if "fid" in self.metrics and self.ctx.fid is not None:
+            for m in self.s.method:
+                out[self.fid_id(m)] = self.fid_identity(m)
+        return out
+
+    def conflicts(self) -> list[str]:
+        """Stored values that this run would not have produced (another model, Gamma, seed, settings, version)."""
+        i = self._base_row(Cell("ddpm_beta", "even", 1))
+        run_cols = {c: i[c] for c in ("model_id", "gamma_hash", "seed", "precision", "gamma_policy", "version",
+                                      "dataset", "N")}
+        run_cols = {c: normalize_row({**i, c: v})[c] for c, v in run_cols.items()}  # as stored (e.g. "" for None)
+        out: list[str] = []
+        for row in self.store.rows:
+            if row["nll_bpd"] is None and row["fid"] is None:
+                continue
+            where = f"{row['method']}/{row['trajectory']}/K={row['K']}"
+            diffs = [f"{c} {row[c]!r} (now {v!r})" for c, v in run_cols.items() if row.get(c) != v]
+            if diffs:
+                out.append(f"{where}: {', '.join(diffs)}")
+                continue
+            if "nll" in self.metrics and row["nll_bpd"] is not None and row["nll_id"] != self.nll_id():
+                out.append(f"{where}: NLL computed with other NLL settings (nll_id {row['nll_id'] or '-'}, now "
+                           f"{self.nll_id()}; e.g. num_nll_images {row['num_nll_images']})")
+            if ("fid" in self.metrics and self.ctx.fid is not None and row["fid"] is not None
+                    and row["method"] in METHODS and row["fid_id"] != self.fid_id(row["method"])):
+                out.append(f"{where}: FID computed with other FID settings (fid_id {row['fid_id'] or '-'}, now "
+                           f"{self.fid_id(row['method'])}; e.g. num_fid_samples {row['num_fid_samples']})")
+        return out
 
     # ------------------------------------------------------------------ helpers
     def _base_row(self, cell: Cell) -> dict:
+        i = self.ctx.identity
         return dict(dataset=self.ctx.dataset, schedule=self.ctx.schedule.name, N=self.ctx.schedule.N,
                     forward=cell.forward, method=cell.method, trajectory=cell.trajectory, K=cell.K,
-                    gamma_M=self.ctx.gamma_M, seed=self.seed)
+                    gamma_M=self.ctx.gamma_M, seed=self.seed, model_id=i.get("model_id"),
+                    model_step=i.get("model_step"), gamma_hash=i.get("gamma_hash"), precision=i.get("precision"),
+                    gamma_policy=self.s.gamma_policy, version=i.get("version"))
 
     def _key(self, cell: Cell) -> tuple:
         return (self.ctx.dataset, self.ctx.schedule.name, self.ctx.schedule.N, cell.method, cell.trajectory, cell.K)
 
     def _save(self, row: dict) -> None:
+        """Merge ``row`` (one metric's result) into the store; that metric's old note is replaced by the new one."""
+        prefix = "NLL:" if "nll_bpd" in row else "FID:"
         old = self.store.get(self._key(Cell(row["method"], row["trajectory"], row["K"])))
-        notes = [n for n in ((old or {}).get("note"), row.get("note")) if n]
-        row["note"] = "; ".join(dict.fromkeys(notes))  # keep the reasons of both metrics, once each
+        kept = [n for n in ((old or {}).get("note") or "").split("; ") if n and not n.startswith(prefix)]
+        row["note"] = "; ".join(kept + ([row["note"]] if row.get("note") else []))
         saved = self.store.add(row, merge=True)
         self.on_row(saved)
 
@@ -133,9 +203,17 @@ class GridRunner:
         return make_trajectory(
             cell.trajectory, self.ctx.schedule.N, cell.K, self.ctx.gamma, schedule=self.ctx.schedule,
             forward=cell.forward, data_range=self.ctx.data_range,
-            gamma_policy=self.cfg.get("gamma_policy", "monotone"),
-            duplicates=self.cfg.get("quadratic_duplicates", "reject"),
+            gamma_policy=self.s.gamma_policy, duplicates=self.s.quadratic_duplicates,
         )
+
+    def _nll_done(self, c: Cell) -> bool:
+        return self.store.done(self._key(c), ("nll_bpd",), {"nll_bpd": self.nll_id()})
+
+    def _fid_done(self, c: Cell) -> bool:
+        if self.ctx.fid is None and self.ctx.is_image:  # not computable now: only a "not computed" note
+            return self.store.get(self._key(c)) is not None and "FID: not computed" in (
+                self.store.get(self._key(c)) or {}).get("note", "")
+        return self.store.done(self._key(c), ("fid",), {"fid": self.fid_id(c.method) if self.ctx.fid else ""})
 
     # ------------------------------------------------------------------ the grid
     def run(self, cells: Sequence[Cell]) -> None:
@@ -145,26 +223,40 @@ class GridRunner:
         bar = tqdm(groups.items(), desc="grid (trajectory, K)", unit="group")
         for (traj_kind, K), group in bar:
             bar.set_postfix_str(f"{traj_kind} K={K}")
-            todo_nll = [c for c in group if "nll" in self.metrics and not self.store.done(self._key(c), ("nll_bpd",))]
-            todo_fid = [c for c in group if "fid" in self.metrics and self._fid_wanted(c)
-                        and not self.store.done(self._key(c), ("fid",))]
-            if todo_nll:
-                self._nll_group(todo_nll)
-            for c in todo_fid:
-                self._fid_cell(c)
+            self.store.refresh()  # another process may have finished some of these cells
+            if "nll" in self.metrics:
+                todo_nll = [c for c in group if not self._nll_done(c)]
+                if todo_nll:
+                    self._nll_group(todo_nll)
+            if "fid" in self.metrics:
+                for c in group:
+                    if self.s.fid.wanted(c.method, c.K) and not self._fid_done(c):
+                        self.store.refresh()
+                        if not self._fid_done(c):
+                            self._fid_cell(c)
 
-    def _fid_wanted(self, cell: Cell) -> bool:
-        """FID is costly: ``eval.fid.K`` / ``eval.fid.method`` (null = all) restrict it to a sub-grid."""
-        fcfg = self.cfg.get("fid", {})
-        Ks, methods = as_list(fcfg.get("K")), as_list(fcfg.get("method"))
-        return (not Ks or cell.K in Ks) and (not methods or cell.method in methods)
+    def _record(self, cell: Cell, metric: str, value, note: str, **extra) -> None:
+        """A metric that is not a number: NaN = not defined; None = not computed or failed (note says which)."""
+        row = self._base_row(cell)
+        row[metric] = value
+        row["note"] = note
+        row.update(extra)
+        log.info("%s %s K=%d: %s", cell.method, cell.trajectory, cell.K, note)
+        self._save(row)
 
     def _undefined(self, cell: Cell, metric: str, reason: str) -> None:
-        row = self._base_row(cell)
-        row[metric] = math.nan
-        row["note"] = f"{'NLL' if metric == 'nll_bpd' else 'FID'}: {reason}"
-        log.info("%s %s K=%d: %s", cell.method, cell.trajectory, cell.K, reason)
-        self._save(row)
+        id_col = {"nll_bpd": "nll_id", "fid": "fid_id"}[metric]
+        ident = self.nll_id() if metric == "nll_bpd" else (self.fid_id(cell.method) if self.ctx.fid else "")
+        self._record(cell, metric, math.nan, f"{'NLL' if metric == 'nll_bpd' else 'FID'}: {reason}",
+                     **{id_col: ident})
+
+    def _failed(self, cells: Sequence[Cell], metric: str, err: Exception) -> None:
+        name = "NLL" if metric == "nll_bpd" else "FID"
+        for c in cells:
+            where = f"{c.method} {c.trajectory} K={c.K}"
+            self.failures.append(f"{name} {where}: {err}")
+            log.error("%s %s failed: %s", name, where, err)
+            self._record(c, metric, None, f"{name}: failed: {err}")
 
     def _nll_group(self, cells: list[Cell]) -> None:
         """One pass of network evaluations for all DDPM-type methods of one (trajectory, K)."""
@@ -183,42 +275,48 @@ class GridRunner:
                 self._undefined(c, "nll_bpd", f"trajectory not defined: {e}")
             return
         methods = [c.method for c in ddpm]
-        ncfg = self.cfg.get("nll", {})
-        n_images = ncfg.get("num_images")
-        x_all = self.ctx.heldout(None if n_images is None else int(n_images))
-        batch = int(ncfg.get("batch_size", 100))
+        x_all = self.ctx.heldout(self.s.nll.num_images)
+        batch = self.s.nll.batch_size
         gen = torch.Generator(device=self.ctx.device).manual_seed(cell_seed(self.seed, "nll", ddpm[0].trajectory,
                                                                             ddpm[0].K))
         t0 = time.perf_counter()
         sums = {m: 0.0 for m in methods}
         term_sums = {m: torch.zeros(len(taus) + 1, dtype=torch.float64) for m in methods}
-        for start in tqdm(range(0, len(x_all), batch), desc=f"NLL {ddpm[0].trajectory} K={len(taus)}", leave=False):
-            x0 = x_all[start:start + batch].to(self.ctx.device)
-            bpd, terms = nll_bpd(
-                self.ctx.eps_model, self.ctx.schedule, taus, x0, methods, gamma=self.ctx.gamma,
-                generator=gen, batch_size=int(ncfg.get("network_batch", 1000)), return_terms=True,
-                **self.ctx.nll_options,
-            )
-            for m in methods:
-                sums[m] += bpd[m].sum().item()
-                term_sums[m] += terms[m].sum(0)
+        try:
+            for start in tqdm(range(0, len(x_all), batch), desc=f"NLL {ddpm[0].trajectory} K={len(taus)}",
+                              leave=False):
+                x0 = x_all[start:start + batch].to(self.ctx.device)
+                bpd, terms = nll_bpd(
+                    self.ctx.eps_model, self.ctx.schedule, taus, x0, methods, gamma=self.ctx.gamma,
+                    generator=gen, batch_size=self.s.nll.network_batch, return_terms=True, **self.ctx.nll_options,
+                )
+                for m in methods:
+                    sums[m] += bpd[m].sum().item()
+                    term_sums[m] += terms[m].sum(0)
+        except NonFiniteOutputError as e:
+            self._failed(ddpm, "nll_bpd", e)
+            return
         seconds = time.perf_counter() - t0
         n = len(x_all)
         for c in ddpm:
             row = self._base_row(c)
-            row.update(nll_bpd=sums[c.method] / n, num_nll_images=n, seconds=seconds)
+            row.update(nll_bpd=sums[c.method] / n, num_nll_images=n, seconds=seconds, nll_id=self.nll_id(),
+                       note="")
             # per-term breakdown (bits/dim, mean over images): [L_0, L_{tau_1|tau_2}, ..., L_prior]
             cell_dir = self.store.cell_dir(self._key(c))
-            (cell_dir / "nll_terms.json").write_text(json.dumps({
+            atomic_write_text(cell_dir / "nll_terms.json", json.dumps({
                 "trajectory": taus, "layout": "L_0, L_(tau_{k-1}|tau_k) for k=2..K, L_prior",
-                "terms_bpd": (term_sums[c.method] / n).tolist(), "nll_bpd": row["nll_bpd"]}, indent=1))
+                "terms_bpd": (term_sums[c.method] / n).tolist(), "nll_bpd": row["nll_bpd"],
+                "nll_id": self.nll_id()}, indent=1))
             self._save(row)
 
     def _fid_cell(self, cell: Cell) -> None:
         if self.ctx.fid is None:
-            reason = ("not defined for non-image data" if not self.ctx.is_image
-                      else "not computed: no Inception weights (run `make fid-weights` or set eval.fid.weights_path)")
-            self._undefined(cell, "fid", reason)
+            if not self.ctx.is_image:
+                self._undefined(cell, "fid", "not defined for non-image data")
+            else:
+                self._record(cell, "fid", None, "FID: not computed: no Inception weights (run `make fid-weights` or "
+                             "set eval.fid.weights_path); a rerun computes it")
             return
         try:
             taus = self.trajectory(cell)
@@ -227,10 +325,9 @@ class GridRunner:
             return
         from ..fid import fid_of_stream
 
-        fcfg = self.cfg.get("fid", {})
-        num = int(fcfg.get("num_samples", 50000))
-        bs = int(fcfg.get("batch_size", 500))
-        clip_y = (fcfg.get("clip_sigma_y") or {}).get(cell.method)
+        f = self.s.fid
+        num, bs = f.num_samples, f.batch_size
+        clip_y = f.clip_sigma_y.get(cell.method)
         gen = torch.Generator(device=self.ctx.device).manual_seed(cell_seed(self.seed, "fid", cell.method,
                                                                             cell.trajectory, cell.K))
         cell_dir = self.store.cell_dir(self._key(cell))
@@ -241,22 +338,25 @@ class GridRunner:
             while done < num:
                 n = min(bs, num - done)
                 x = sample(self.ctx.eps_model, self.ctx.schedule, taus, cell.method, (n, *self.ctx.sample_shape),
-                           gamma=self.ctx.gamma, eta=float(self.cfg.get("eta", 0.0)),
-                           clip_x0=bool(self.cfg.get("clip_x0", True)), clip_sigma_y=clip_y, generator=gen,
-                           device=self.ctx.device, data_range=self.ctx.data_range)
+                           gamma=self.ctx.gamma, eta=self.s.eta, clip_x0=self.s.clip_x0, clip_sigma_y=clip_y,
+                           generator=gen, device=self.ctx.device, data_range=self.ctx.data_range)
                 if not first:
                     first.append(x[:64].cpu())
                 done += n
                 yield x
 
         t0 = time.perf_counter()
-        fid = fid_of_stream(batches(), self.ctx.fid.reference, self.ctx.fid.features, num,
-                            desc=f"FID {cell.method} {cell.trajectory} K={cell.K}")
+        try:
+            fid = fid_of_stream(batches(), self.ctx.fid.reference, self.ctx.fid.features, num,
+                                desc=f"FID {cell.method} {cell.trajectory} K={cell.K}")
+        except NonFiniteOutputError as e:
+            self._failed([cell], "fid", e)
+            return
         seconds = time.perf_counter() - t0
-        if first and fcfg.get("save_grid", True):
+        if first and f.save_grid:
             save_image_grid(first[0], cell_dir / "samples.png")
         row = self._base_row(cell)
-        row.update(fid=fid, num_fid_samples=num, seconds=seconds)
+        row.update(fid=fid, num_fid_samples=num, seconds=seconds, fid_id=self.fid_id(cell.method), note="")
         self._save(row)
 
 

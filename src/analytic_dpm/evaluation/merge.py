@@ -113,6 +113,28 @@ def merge_rows(sources: Sequence[tuple[Any, Sequence[dict[str, Any]]]]) -> list[
     return sort_rows(merged)
 
 
+#: columns that say which model / Gamma / settings produced a row: rows of one merged grid must agree on them
+RUN_IDENTITY = ("model_id", "gamma_hash", "seed", "precision", "gamma_policy", "version")
+
+
+def check_same_run(sources: Sequence[tuple[Any, Sequence[dict[str, Any]]]], names: Sequence[str]) -> None:
+    """Raise ValueError when the rows of ``sources`` come from different models, Gamma or settings (one grid must
+    not mix them); ``names`` label the sources in the message."""
+    seen: dict[tuple, str] = {}
+    for name, (_, rows) in zip(names, sources):
+        for row in rows:
+            if row.get("nll_bpd") is None and row.get("fid") is None:
+                continue
+            ident = tuple(row.get(c) for c in RUN_IDENTITY)
+            seen.setdefault(ident, name)
+    if len(seen) > 1:
+        lines = [f"{name}: " + ", ".join(f"{c}={v!r}" for c, v in zip(RUN_IDENTITY, ident))
+                 for ident, name in seen.items()]
+        raise ValueError("these results come from different models, Gamma or settings and cannot form one grid:\n  "
+                         + "\n  ".join(lines) + "\nmerge them separately, or pass --allow-mixed to keep the newest "
+                         "value of each cell")
+
+
 def merge_runs(
     paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike | None = None,
@@ -121,16 +143,20 @@ def merge_runs(
     bounds: Any = None,
     abar: Any = None,
     plots: bool = True,
+    allow_mixed: bool = False,
 ) -> list[dict[str, Any]]:
     """Read the results below every path in ``paths`` (run directories, sweep directories or results files),
     merge them (module docstring) and return the merged rows. With ``out_dir``, also write
     ``results.csv``/``results.json`` and the report there (``out_dir`` itself is excluded from the search)."""
     files = find_result_files(paths, exclude=[out_dir] if out_dir is not None else [])
-    sources = []
+    sources, names = [], []
     for f in files:
         rows = _read(f)
         if rows is not None:
             sources.append((f.stat().st_mtime_ns, rows))
+            names.append(str(f.parent))
+    if not allow_mixed:
+        check_same_run(sources, names)
     merged = merge_rows(sources)
     if out_dir is not None:
         write_results(merged, out_dir)
@@ -138,26 +164,6 @@ def merge_runs(
 
         write_report(merged, out_dir, gamma=gamma, bounds=bounds, title=title, abar=abar, plots=plots)
     return merged
-
-
-def _load_vector(path: Path) -> Any:
-    """A gamma vector from .npy, .json (a list, or {"gamma": [...]}), or .pt/.pth (a tensor, or a dict with
-    "gamma")."""
-    if path.suffix == ".npy":
-        import numpy as np
-
-        return np.load(path)
-    if path.suffix == ".json":
-        obj = json.loads(path.read_text())
-    else:
-        import torch
-
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict):
-        if "gamma" not in obj:
-            raise ValueError(f"{path}: no 'gamma' entry (keys: {sorted(obj)})")
-        obj = obj["gamma"]
-    return obj
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -170,14 +176,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--title", default="", help="title of the report")
     parser.add_argument("--gamma", type=Path, default=None, help="gamma vector (.npy, .json, .pt) for gamma.png")
     parser.add_argument("--no-plots", action="store_true", help="write the tables only (no PNGs)")
+    parser.add_argument("--allow-mixed", action="store_true",
+                        help="merge results of different models/settings (newest value per cell wins)")
     args = parser.parse_args(argv)
     out = args.out if args.out is not None else args.dirs[0] / "merged"
-    gamma = _load_vector(args.gamma) if args.gamma is not None else None
-    files = find_result_files(args.dirs, exclude=[out])
-    if not files:
-        print(f"no {RESULTS_JSON} / {RESULTS_CSV} found under {', '.join(map(str, args.dirs))}", file=sys.stderr)
-        return 1
-    rows = merge_runs(args.dirs, out_dir=out, title=args.title, gamma=gamma, plots=not args.no_plots)
+    try:
+        from ..gamma import read_gamma_vector
+
+        gamma = read_gamma_vector(args.gamma) if args.gamma is not None else None
+        files = find_result_files(args.dirs, exclude=[out])
+        if not files:
+            print(f"error: no {RESULTS_JSON} / {RESULTS_CSV} found under {', '.join(map(str, args.dirs))}",
+                  file=sys.stderr)
+            return 2
+        rows = merge_runs(args.dirs, out_dir=out, title=args.title, gamma=gamma, plots=not args.no_plots,
+                          allow_mixed=args.allow_mixed)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"merged {len(rows)} cells from {len(files)} result files into {out}")
     return 0
 

@@ -6,15 +6,24 @@ but belong to the key as well, so rows of different runs can be merged (:mod:`an
 Values of the metric columns (``nll_bpd``, ``fid``; also ``seconds``):
 
 * a float: computed;
-* ``None``: not computed (CSV: empty field, JSON: ``null``);
+* ``None``: not computed, or failed (CSV: empty field, JSON: ``null``); the ``note`` says why (``FID: not computed:
+  no Inception weights``, ``NLL: failed: network output not finite ...``); a rerun computes it again;
 * ``NaN``: computed but not defined, e.g. the NLL of the DDIM forward process (eta = 0) is infinite; the ``note``
   column says why. CSV: ``nan``. JSON has no NaN, so the value is ``null`` and the row carries
   ``"nonfinite": {"nll_bpd": "nan"}`` (``inf``/``-inf`` are stored the same way), which :func:`load_rows` reads
   back, so NaN and None both survive a JSON round-trip.
 
+Identity columns. ``model_id`` (hash of the evaluated network's weights and its conventions), ``model_step``
+(training step of a checkpoint), ``gamma_hash`` (hash of the Gamma vector; ``gamma_M`` its M), ``seed``,
+``precision``, ``gamma_policy``, ``version`` (of this package) describe the run; ``nll_id`` / ``fid_id`` hash
+everything that determines that metric's value (the run's identity plus the metric's own settings: number of
+images or samples, batch sizes, decoder, reference statistics, Inception weights, ...). A rerun reuses a metric of a
+row only when its id equals the id the rerun would produce; anything else is a mismatch, which
+``analytic_dpm.evaluation.run`` refuses (or redirects to a new directory) instead of showing it as current.
+
 ``results.json`` layout::
 
-    {"format": "analytic_dpm.evaluation.results", "version": 1, "columns": [...COLUMNS],
+    {"format": "analytic_dpm.evaluation.results", "version": 2, "columns": [...COLUMNS],
      "rows": [{"dataset": "cifar10", ..., "note": ""}, ...]}
 
 Both files are rewritten atomically (temporary file in the same directory, fsync, ``os.replace``) after every
@@ -28,12 +37,12 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_text, file_lock
 from ..methods import METHODS
 
 #: The CSV header, in this order.
@@ -53,14 +62,27 @@ COLUMNS: list[str] = [
     "seed",
     "seconds",
     "note",
+    # identity of what produced the numbers (analytic_dpm.evaluation.identity): a rerun reuses a metric only when
+    # its id matches; see the module docstring
+    "model_id",
+    "model_step",
+    "gamma_hash",
+    "precision",
+    "gamma_policy",
+    "version",
+    "nll_id",
+    "fid_id",
 ]
 #: The columns that identify a cell (see :func:`cell_key`).
 KEY_COLUMNS: tuple[str, ...] = ("dataset", "schedule", "N", "method", "trajectory", "K")
 #: The metric columns (None = not computed, NaN = not defined).
 METRIC_COLUMNS: tuple[str, ...] = ("nll_bpd", "fid")
 
-STR_COLUMNS = frozenset({"dataset", "schedule", "forward", "method", "trajectory", "note"})
-INT_COLUMNS = frozenset({"N", "K", "num_nll_images", "num_fid_samples", "gamma_M", "seed"})
+STR_COLUMNS = frozenset({"dataset", "schedule", "forward", "method", "trajectory", "note", "model_id", "gamma_hash",
+                         "precision", "gamma_policy", "version", "nll_id", "fid_id"})
+INT_COLUMNS = frozenset({"N", "K", "num_nll_images", "num_fid_samples", "gamma_M", "seed", "model_step"})
+#: metric column -> the column holding the identity of the computation that produced it
+ID_COLUMNS: dict[str, str] = {"nll_bpd": "nll_id", "fid": "fid_id"}
 FLOAT_COLUMNS = frozenset({"nll_bpd", "fid", "seconds"})
 
 #: Canonical orders used for sorting and for the report tables (unknown names go last, alphabetically).
@@ -70,7 +92,7 @@ TRAJECTORY_ORDER: tuple[str, ...] = ("even", "quadratic", "optimal")
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 JSON_FORMAT = "analytic_dpm.evaluation.results"
-JSON_VERSION = 1
+JSON_VERSION = 2  # 2: identity columns (model_id ... fid_id)
 
 CellKey = tuple  # (dataset, schedule, N, method, trajectory, K)
 
@@ -291,35 +313,6 @@ def rows_from_json(text: str) -> list[dict[str, Any]]:
     return rows
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory, fsync and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (POSIX); harmless to skip elsewhere
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def write_results(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``results.json`` and ``results.csv`` (atomically) into ``out_dir``; returns both paths."""
     out_dir = Path(out_dir)
@@ -362,21 +355,40 @@ class ResultStore:
     """The finished cells of one run directory, persisted after every :meth:`add`.
 
     ``ResultStore(run_dir)`` creates the directory if needed and loads any results already there, so rerunning
-    into the same directory resumes: ``store.done(key)`` is True for finished cells. Keys are rows (dicts),
-    full keys (:func:`cell_key`) or the short ``(method, trajectory, K)`` of one run.
+    into the same directory resumes: ``store.done(key, metrics, ids)`` is True for cells whose metrics were
+    computed by the same model and settings (the ``*_id`` columns). Keys are rows (dicts), full keys
+    (:func:`cell_key`) or the short ``(method, trajectory, K)`` of one run.
+
+    Several processes may share a run directory (two ``evaluate.py`` on one directory, a multirun on a shared
+    file system): every :meth:`add` takes an exclusive lock on ``.results.lock``, re-reads the files, merges its row
+    into what is on disk and rewrites them, so no process loses another's rows. :meth:`refresh` re-reads the files
+    (call it before starting a costly cell: another process may have finished it).
     """
 
-    def __init__(self, run_dir: str | os.PathLike):
+    LOCK_NAME = ".results.lock"
+
+    def __init__(self, run_dir: str | os.PathLike, lock_timeout: float | None = 600.0):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock_timeout = lock_timeout
         self._rows: dict[CellKey, dict[str, Any]] = {}
-        for row in load_rows(self.run_dir):
-            self._rows[cell_key(row)] = row
+        self.refresh()
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> ResultStore:
         """The store of ``run_dir`` with its existing results (empty if there are none yet)."""
         return cls(run_dir)
+
+    def lock(self):
+        """The store's exclusive lock (a context manager); :meth:`add` takes it itself."""
+        return file_lock(self.run_dir / self.LOCK_NAME, timeout=self.lock_timeout, what=f"results in {self.run_dir}")
+
+    def refresh(self) -> ResultStore:
+        """Re-read the results files (other processes may have added rows)."""
+        self._rows = {}
+        for row in load_rows(self.run_dir):
+            self._rows[cell_key(row)] = row
+        return self
 
     # -- queries ---------------------------------------------------------------------------------------------
     @property
@@ -408,9 +420,11 @@ class ResultStore:
         k = self._find(key)
         return None if k is None else dict(self._rows[k])
 
-    def done(self, key: Mapping[str, Any] | Sequence[Any], metrics: Iterable[str] = ()) -> bool:
+    def done(self, key: Mapping[str, Any] | Sequence[Any], metrics: Iterable[str] = (),
+             ids: Mapping[str, str] | None = None) -> bool:
         """True if the cell has a row; with ``metrics`` (e.g. ``("nll_bpd",)``) each of them must also be
-        computed (a float; NaN counts: computed, not defined)."""
+        computed (a float; NaN counts: computed, not defined; None = not computed or failed), and with ``ids``
+        (``{"nll_bpd": nll_id}``) computed by that identity (the row's ``nll_id`` / ``fid_id``)."""
         row = self.get(key)
         if row is None:
             return False
@@ -419,6 +433,8 @@ class ResultStore:
                 raise ValueError(f"unknown column {m!r}")
             if row[m] is None:
                 return False
+            if ids is not None and m in ids and row[ID_COLUMNS[m]] != ids[m]:
+                return False
         return True
 
     # -- updates ---------------------------------------------------------------------------------------------
@@ -426,16 +442,23 @@ class ResultStore:
         """Store a finished cell and persist both files; a row with the same key is replaced.
 
         With ``merge=True`` the columns the new row leaves at None/"" keep the old row's values (e.g. add the
-        FID of a cell whose NLL is already stored). Returns the stored row.
+        FID of a cell whose NLL is already stored; ``note`` is always the new row's), unless the old metric came
+        from another identity (then it is dropped, with its id). Under the store's lock the files are re-read
+        first, so rows that other processes added meanwhile are kept. Returns the stored row.
         """
         new = normalize_row(row)
         key = cell_key(new)
-        if merge and key in self._rows:
-            old = self._rows[key]
-            new = {c: (old[c] if new[c] is None or new[c] == "" else new[c]) for c in COLUMNS}
-        self._rows.pop(key, None)  # a replaced row moves to the end: insertion order = completion order
-        self._rows[key] = new
-        self.flush()
+        with self.lock():
+            self.refresh()
+            if merge and key in self._rows:
+                old = dict(self._rows[key])
+                for metric, id_col in ID_COLUMNS.items():
+                    if new[id_col] and old[id_col] and old[id_col] != new[id_col]:
+                        old[metric], old[id_col] = None, ""  # computed by something else: never mixed in
+                new = {c: (old[c] if c != "note" and (new[c] is None or new[c] == "") else new[c]) for c in COLUMNS}
+            self._rows.pop(key, None)  # a replaced row moves to the end: insertion order = completion order
+            self._rows[key] = new
+            self.flush()
         return dict(new)
 
     def flush(self) -> None:

@@ -1,7 +1,21 @@
-"""``evaluate(cfg)``: the run behind ``evaluate.py`` (Hydra config ``conf/evaluate.yaml``)."""
+"""``evaluate(cfg)``: the run behind ``evaluate.py`` (Hydra config ``conf/evaluate.yaml``).
+
+Rerunning into a directory that already holds results (``hydra.run.dir=DIR``):
+
+* cells computed by the same model, Gamma, data and settings (the ``*_id`` columns of the rows) are reused;
+* cells recorded as "not computed" (e.g. no Inception weights then) or "failed" are computed;
+* values computed by anything else (another checkpoint, Gamma, seed, precision, number of images or samples,
+  package version, ...) are never shown as current: by default the run stops before computing anything and says
+  what differs (``eval.on_mismatch=refuse``); ``eval.on_mismatch=new_dir`` writes into ``DIR-<id>`` instead, a
+  directory named after this run's identity (rerunning the same command resumes it).
+
+Two processes may write one directory at once: the store is locked and merged on every write, and a cell that
+another process finished meanwhile is not recomputed.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -9,11 +23,27 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..files import atomic_write_text, file_lock
+from ..identity import digest_json, short
+from ..registry import UnsafeConfigError
 from .grid import GridRunner, plan_cells, variance_curves
-from .results import ResultStore
+from .results import ResultStore, load_rows
+from .settings import EvalSettings, SettingsError
 from .setup import UserError, build_context
 
 log = logging.getLogger(__name__)
+
+IDENTITIES_JSON = "identities.json"
+
+
+def missing_value_message(err) -> str:
+    """``data.train_dir is required: pass data.train_dir=...`` for OmegaConf's MissingMandatoryValue (``???``)."""
+    key = getattr(err, "full_key", None) or str(err).split("\n")[0]
+    return f"{key} is required: pass {key}=... on the command line"
+
+
+class CellsFailed(RuntimeError):
+    """Some cells could not be computed (e.g. the network returned NaN); they are recorded with the reason."""
 
 
 def _wandb_run(cfg: DictConfig, out_dir: Path):
@@ -28,47 +58,127 @@ def _wandb_run(cfg: DictConfig, out_dir: Path):
                       config=OmegaConf.to_container(cfg, resolve=True))
 
 
-def evaluate(cfg: DictConfig) -> list[dict]:
-    """Run (or resume) the grid into the Hydra run directory; returns the rows of the whole grid."""
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _command_line_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - not running under Hydra (tests, notebooks)
+        return []
+
+
+def _warn_ignored(cfg: DictConfig) -> None:
+    """Options that have no effect with the chosen source are warned about, not silently dropped."""
+    if cfg.get("ckpt_path"):
+        ignored = [o for o in _command_line_overrides() if o.split("=", 1)[0].lstrip("+~") in ("diffusion",)
+                   or o.startswith("diffusion.")]
+        for o in ignored:
+            log.warning("%s is ignored: a checkpoint carries its own noise schedule", o)
+
+
+def _write_identities(out_dir: Path, runner: GridRunner) -> None:
+    """Record the full identity behind every id used in this directory (merged with what is there)."""
+    path = out_dir / IDENTITIES_JSON
+    with file_lock(out_dir / ResultStore.LOCK_NAME):
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        known.update(runner.identities())
+        atomic_write_text(path, json.dumps(known, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def _resolve_out_dir(out_dir: Path, runner_for, settings: EvalSettings) -> tuple[Path, GridRunner]:
+    """The directory to write into, after checking what it holds (module docstring)."""
     store = ResultStore(out_dir)
+    runner = runner_for(store)
+    conflicts = runner.conflicts()
+    if not conflicts:
+        return out_dir, runner
+    listing = "\n  - ".join(conflicts[:8]) + (f"\n  - ... and {len(conflicts) - 8} more" if len(conflicts) > 8 else "")
+    if settings.on_mismatch == "refuse":
+        raise UserError(
+            f"{out_dir} already holds results computed by another model or with other settings; they would not be "
+            f"this run's numbers:\n  - {listing}\nTo keep both, rerun with hydra.run.dir=NEW_DIR, or with "
+            f"eval.on_mismatch=new_dir (writes into {out_dir}-<id>); to replace them, delete {out_dir}/results.*"
+        )
+    run_id = short(digest_json(sorted(runner.identities())))
+    new_dir = out_dir.with_name(f"{out_dir.name}-{run_id}")
+    log.warning("%s holds results of another model/settings (%d differences); writing into %s", out_dir,
+                len(conflicts), new_dir)
+    store = ResultStore(new_dir)
+    runner = runner_for(store)
+    if runner.conflicts():  # pragma: no cover - the id names the identity
+        raise UserError(f"{new_dir} also holds other results; choose hydra.run.dir=NEW_DIR")
+    return new_dir, runner
+
+
+def evaluate(cfg: DictConfig) -> list[dict]:
+    """Run (or resume) the grid into the Hydra run directory; returns the rows of the whole grid.
+
+    Raises :class:`UserError` (bad input; nothing written), :class:`CellsFailed` (after recording the grid, when
+    some cells failed).
+    """
+    try:
+        settings = EvalSettings.from_config(cfg.eval)  # everything is checked before anything costly runs
+    except SettingsError as e:
+        raise UserError(str(e)) from None
+    _warn_ignored(cfg)
+    ctx = build_context(cfg, settings)
+    try:
+        cells = plan_cells(settings.method, settings.trajectory, settings.K, ctx.schedule.N)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+    out_dir = Path(cfg.paths.output_dir)
+    run = None
+
+    def on_row(row):
+        if run is not None:
+            metrics = {f"{m}/{row['method']}/{row['trajectory']}/K{row['K']}": row[c]
+                       for m, c in (("nll", "nll_bpd"), ("fid", "fid")) if isinstance(row.get(c), float)}
+            run.log(metrics)
+
+    out_dir, runner = _resolve_out_dir(out_dir, lambda store: GridRunner(ctx, store, settings, on_row=on_row),
+                                       settings)
+    store = runner.store
     if len(store):
-        log.info("resuming: %d finished rows found in %s", len(store), out_dir)
-    ctx = build_context(cfg)
-    e = cfg.eval
-    cells = plan_cells(e.method, e.trajectory, e.K, ctx.schedule.N)
+        log.info("resuming: %d rows found in %s", len(store), out_dir)
+    _write_identities(out_dir, runner)
     run = _wandb_run(cfg, out_dir)
     try:
-        def on_row(row):
-            if run is not None:
-                metrics = {f"{m}/{row['method']}/{row['trajectory']}/K{row['K']}": row[c]
-                           for m, c in (("nll", "nll_bpd"), ("fid", "fid")) if isinstance(row.get(c), float)}
-                run.log(metrics)
-
-        GridRunner(ctx, store, OmegaConf.to_container(e, resolve=True), on_row=on_row).run(cells)
+        runner.run(cells)
         from .report import log_report_to_wandb, write_report
 
-        Ks = [int(k) for k in (e.report.variance_K or []) if int(k) <= ctx.schedule.N]
+        rows = load_rows(out_dir)
+        Ks = [k for k in settings.report_variance_K if k <= ctx.schedule.N]
         bounds = variance_curves(ctx.schedule, ctx.gamma, Ks, ctx.data_range) if Ks else None
-        paths = write_report(store.rows, out_dir, gamma=ctx.gamma.cpu().numpy(), bounds=bounds,
+        paths = write_report(rows, out_dir, gamma=ctx.gamma.cpu().numpy(), bounds=bounds,
                              abar=ctx.schedule.alphas_cumprod.numpy(), title=f"{ctx.dataset} ({ctx.schedule.name}, "
                              f"N={ctx.schedule.N})")
         if run is not None:
-            log_report_to_wandb(run, store.rows, paths)
+            log_report_to_wandb(run, rows, paths)
         log.info("results: %s; report: %s", out_dir / "results.csv", paths.get("tables"))
         print((out_dir / "tables.md").read_text() if (out_dir / "tables.md").exists() else "")
-        return store.rows
     finally:
         if run is not None:
             run.finish()
+    if runner.failures:
+        raise CellsFailed(f"{len(runner.failures)} cell(s) failed (recorded in {out_dir / 'results.csv'}):\n  "
+                          + "\n  ".join(runner.failures))
+    return rows
 
 
 def run_cli(cfg: DictConfig):
+    from omegaconf.errors import MissingMandatoryValue
+
     from ..data import DatasetNotAvailableError
 
     try:
         return evaluate(cfg)
-    except (UserError, DatasetNotAvailableError) as err:  # the message says what to do; no traceback
-        print(f"error: {err}", file=sys.stderr)
+    except (UserError, DatasetNotAvailableError, SettingsError, UnsafeConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)  # the message says what to do; no traceback
         sys.exit(2)
+    except MissingMandatoryValue as err:
+        print(f"error: {missing_value_message(err)}", file=sys.stderr)
+        sys.exit(2)
+    except CellsFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,19 +1,31 @@
-"""Builds an EvalContext from the evaluate.py config: a checkpoint (EMA weights + Gamma) or an exact oracle."""
+"""Builds an EvalContext from the evaluate.py config: a checkpoint (EMA weights + Gamma) or an exact oracle.
+
+Order matters for the user: the evaluation settings are validated completely first (:mod:`.settings`), then the
+cheap part of the source is read (the checkpoint: network, schedule, so that K <= N is checked), and only then the
+costly parts run (Gamma calibration, FID reference statistics). Configs read from a checkpoint are rebuilt through
+the allow list of :mod:`analytic_dpm.registry`: a file never chooses what code runs.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..gamma import estimate_gamma
+from .. import __version__
+from ..gamma import estimate_gamma, gamma_warnings, read_gamma_vector
+from ..identity import digest_json, digest_state_dict, digest_tensor, short
 from ..oracles import GaussianMixtureOracle, GaussianOracle
+from ..registry import UnsafeConfigError, build_datamodule
 from ..schedule import NoiseSchedule
 from ..validation import check_gamma
-from .grid import EvalContext, FidContext, as_list
+from .grid import EvalContext, FidContext
+from .settings import EvalSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -25,25 +37,22 @@ class UserError(Exception):
 def pick_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"eval.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"eval.device={name!r} but CUDA is not available here; use eval.device=cpu (or auto)")
+    return device
 
 
 def load_gamma_file(path: str | Path, N: int) -> torch.Tensor:
-    """Gamma from a .pt/.pth (tensor or checkpoint-style dict), .npy or .json (list or {"gamma": [...]}) file."""
+    """Gamma of length N+1 from a file (:func:`read_gamma_vector`), checked; :class:`UserError` otherwise."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"eval.gamma_path: no such file {p}")
     try:
-        if p.suffix == ".npy":
-            g = torch.from_numpy(np.load(p))
-        elif p.suffix == ".json":
-            obj = json.loads(p.read_text())
-            g = torch.tensor(obj["gamma"] if isinstance(obj, dict) else obj, dtype=torch.float64)
-        else:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-            if isinstance(obj, dict):
-                obj = obj.get("gamma", obj.get("analytic_dpm", {}).get("gamma"))
-            g = torch.as_tensor(obj)
+        g = torch.as_tensor(np.asarray(read_gamma_vector(p), dtype=np.float64))
     except Exception as e:  # noqa: BLE001 - any parse failure is the same user error
         raise UserError(f"eval.gamma_path {p} could not be read as a Gamma vector: {e}") from None
     try:
@@ -52,126 +61,276 @@ def load_gamma_file(path: str | Path, N: int) -> torch.Tensor:
         raise UserError(f"eval.gamma_path {p}: {e}") from None
 
 
-def _oracle_context(cfg, device: torch.device) -> EvalContext:
-    m, e = cfg.model, cfg.eval
-    schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, int(cfg.diffusion.N))
-    shape = tuple(int(s) for s in m.shape)
+def _warn_gamma(gamma: torch.Tensor, where: str) -> None:
+    for message in gamma_warnings(gamma):
+        warnings.warn(f"{where}: {message}", stacklevel=3)
+        log.warning("%s: %s", where, message)
+
+
+def _run_identity(s: EvalSettings, *, model_id: str, model_step, gamma: torch.Tensor, gamma_M, dataset: str,
+                  precision: str) -> dict:
+    return {
+        "dataset": dataset, "model_id": model_id, "model_step": model_step, "gamma_hash": short(digest_tensor(gamma)),
+        "gamma_M": gamma_M, "seed": s.seed, "precision": precision, "gamma_policy": s.gamma_policy,
+        "quadratic_duplicates": s.quadratic_duplicates, "eta": s.eta, "clip_x0": s.clip_x0, "version": __version__,
+    }
+
+
+def _oracle_context(cfg, s: EvalSettings) -> EvalContext:
+    m = cfg.model
+    try:
+        schedule = NoiseSchedule.from_name(str(cfg.diffusion.schedule), int(cfg.diffusion.N))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"diffusion: {e}") from None
+    s.check_against(schedule.N)
+    shape = tuple(int(v) for v in m.shape)
+    params = {k: v for k, v in dict(m).items()}
     if m.oracle == "gaussian":
         oracle = GaussianOracle(schedule, float(m.mean), float(m.std), shape)
         gamma, gamma_M = oracle.gamma(), None  # closed form (spec section 9)
         name = f"gaussian(std={float(m.std):g})"
     elif m.oracle == "gmm":
         oracle = GaussianMixtureOracle(schedule, list(m.means), list(m.stds), list(m.weights), shape=shape)
-        M = int(e.calibration.num_samples)
-        gamma = estimate_gamma(oracle, schedule, oracle.sample_data, M, int(e.calibration.batch_size),
-                               generator=torch.Generator().manual_seed(int(e.seed)))
+        M = s.calibration.num_samples
+        gamma = estimate_gamma(oracle, schedule, oracle.sample_data, M, s.calibration.batch_size,
+                               generator=torch.Generator().manual_seed(s.seed))
         gamma_M = M
         name = "gmm"
     else:
         raise UserError(f"unknown oracle {m.oracle!r}; use model=oracle_gaussian or model=oracle_gmm")
     n_test = int(m.num_heldout)
-    heldout_all = oracle.sample_data(n_test, torch.Generator().manual_seed(int(e.seed) + 1))
+    if n_test < 1:
+        raise UserError(f"model.num_heldout must be >= 1, got {n_test}")
+    heldout_all = oracle.sample_data(n_test, torch.Generator().manual_seed(s.seed + 1))
 
     def heldout(n):
         return heldout_all if n is None else heldout_all[: min(int(n), n_test)]
 
+    model_id = short(digest_json({"oracle": params, "schedule": digest_tensor(schedule.betas)}))
+    identity = _run_identity(s, model_id=model_id, model_step=None, gamma=gamma, gamma_M=gamma_M, dataset=name,
+                             precision="fp32")
     # oracles: unbounded continuous data -> continuous decoder with the method's own variance, no clamp
     return EvalContext(
         eps_model=oracle, schedule=schedule, gamma=gamma, gamma_M=gamma_M, dataset=name, data_range=None,
         heldout=heldout, num_heldout=n_test, sample_shape=shape, device=torch.device("cpu"), is_image=False,
         nll_options=dict(decoder="continuous", decoder_variance="method", clip_x0=False, data_range=None),
+        identity=identity,
     )
 
 
-def _checkpoint_context(cfg, device: torch.device) -> EvalContext:
-    from hydra.utils import instantiate
+def _datamodule(cfg, where: str, data_cfg=None):
+    """The datamodule of ``data_cfg`` (read from a file) or of ``cfg.data`` (the command line), via the allow list."""
     from omegaconf import OmegaConf
 
-    from ..data import to_model_space
-    from ..training import load_checkpoint
-
-    e = cfg.eval
+    from_file = data_cfg is not None
+    if not from_file:
+        data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     try:
-        ck = load_checkpoint(cfg.ckpt_path, map_location=device)
-    except (FileNotFoundError, ValueError) as err:
-        raise UserError(str(err)) from None
-    schedule = ck.schedule
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else ck.hparams.get("data")
-    if not data_cfg:
-        raise UserError("the checkpoint has no data config: pass data=<name> (and its paths)")
-    datamodule = instantiate(data_cfg)
+        dm = build_datamodule(data_cfg, where=where if from_file else "data")
+    except UnsafeConfigError as e:
+        raise UserError(str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"cannot build the datamodule: {e}") from None
+    dm.setup("fit")
+    return dm, data_cfg
 
-    gamma, gamma_M = ck.gamma, ck.gamma_meta.get("M")
-    if e.gamma_path:
-        gamma, gamma_M = load_gamma_file(e.gamma_path, schedule.N), None
-    elif e.recalibrate or gamma is None:
-        if gamma is None and not e.recalibrate:
-            raise UserError(
-                f"{ck.path} holds no Gamma. Calibrate it first:\n    {ck.calibrate_command}\n"
-                "or rerun with eval.recalibrate=true (or eval.gamma_path=FILE)."
-            )
-        M = int(e.calibration.num_samples)
-        log.info("calibrating Gamma with M = %d on the training split", M)
-        pool = datamodule.train_pool(None)
-        gamma = estimate_gamma(ck.model, schedule, pool, M, int(e.calibration.batch_size),
-                               generator=torch.Generator(device=device).manual_seed(int(e.seed)), device=device)
-        gamma_M = M
 
-    datamodule.setup("fit")
+def _network_context(s: EvalSettings, device, *, eps_model, schedule, gamma, gamma_M, datamodule, data_cfg,
+                     model_id: str, model_step) -> EvalContext:
+    """The context of a network (checkpoint or pretrained) evaluated on a datamodule."""
+    from ..data import to_model_space
+
+    _warn_gamma(gamma, model_id)
     n_test = datamodule.num_heldout
 
     def heldout(n):
         return to_model_space(datamodule.heldout(None if n is None else min(int(n), n_test)))
 
     images = datamodule.data_range is not None
-    fid_ctx = _fid_context(cfg, datamodule, device) if "fid" in [str(m) for m in as_list(e.metrics)] else None
     name = getattr(datamodule, "name", None) or str(data_cfg.get("_target_", "data")).rsplit(".", 1)[-1]
     if images:
-        nll_options = dict(decoder=e.nll.decoder, decoder_variance=e.nll.decoder_variance,
-                           clip_x0=bool(e.nll.clip_x0), cdf=e.nll.cdf, data_range=tuple(datamodule.data_range))
+        nll_options = dict(decoder=s.nll.decoder, decoder_variance=s.nll.decoder_variance, clip_x0=s.nll.clip_x0,
+                           cdf=s.nll.cdf, data_range=tuple(datamodule.data_range))
     else:  # continuous, unbounded data (synthetic): continuous decoder with the method's own variance
         nll_options = dict(decoder="continuous", decoder_variance="method", clip_x0=False, data_range=None)
-    return EvalContext(
-        eps_model=ck.model, schedule=schedule, gamma=gamma, gamma_M=gamma_M, dataset=name,
+    identity = _run_identity(s, model_id=model_id, model_step=model_step, gamma=gamma, gamma_M=gamma_M,
+                             dataset=name, precision="fp32")
+    ctx = EvalContext(
+        eps_model=eps_model, schedule=schedule, gamma=gamma, gamma_M=gamma_M, dataset=name,
         data_range=tuple(datamodule.data_range) if images else None, heldout=heldout, num_heldout=n_test,
         sample_shape=(datamodule.channels, datamodule.image_size, datamodule.image_size), device=device,
-        is_image=images, fid=fid_ctx, nll_options=nll_options,
+        is_image=images, nll_options=nll_options, identity=identity,
     )
+    if "fid" in s.metrics and images:
+        ctx.fid = _fid_context(s, datamodule, device)
+    return ctx
 
 
-def _fid_context(cfg, datamodule, device) -> FidContext | None:
+def _calibrate(eps_model, schedule, datamodule, s: EvalSettings, device) -> torch.Tensor:
+    M = s.calibration.num_samples
+    log.info("calibrating Gamma with M = %d on the training split (%d network calls)", M, M * schedule.N)
+    return estimate_gamma(eps_model, schedule, datamodule.train_pool(None), M, s.calibration.batch_size,
+                          generator=torch.Generator(device=device).manual_seed(s.seed), device=device)
+
+
+def _checkpoint_context(cfg, s: EvalSettings, device: torch.device) -> EvalContext:
+    from ..training import load_checkpoint
+
+    try:
+        ck = load_checkpoint(cfg.ckpt_path, map_location=device)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
+    schedule = ck.schedule
+    s.check_against(schedule.N)
+    stored = None if cfg.get("data") else ck.hparams.get("data")
+    if not cfg.get("data") and not stored:
+        raise UserError("the checkpoint has no data config: pass data=<name> (and its paths)")
+    datamodule, data_cfg = _datamodule(cfg, f"{ck.path}: hyper_parameters.data", stored)
+
+    gamma, gamma_M = ck.gamma, ck.gamma_meta.get("M")
+    if s.gamma_path:
+        gamma, gamma_M = load_gamma_file(s.gamma_path, schedule.N), None
+    elif s.recalibrate or gamma is None:
+        if gamma is None and not s.recalibrate:
+            raise UserError(
+                f"{ck.path} holds no Gamma. Calibrate it first:\n    {ck.calibrate_command}\n"
+                "or rerun with eval.recalibrate=true (or eval.gamma_path=FILE)."
+            )
+        gamma, gamma_M = _calibrate(ck.model, schedule, datamodule, s, device), s.calibration.num_samples
+    model_id = short(digest_json({"weights": digest_state_dict(ck.model), "model": ck.hparams.get("model"),
+                                  "schedule": digest_tensor(schedule.betas)}))
+    return _network_context(s, device, eps_model=ck.model, schedule=schedule, gamma=gamma, gamma_M=gamma_M,
+                            datamodule=datamodule, data_cfg=data_cfg, model_id=model_id,
+                            model_step=ck.gamma_meta.get("checkpoint_step"))
+
+
+def load_pretrained(spec, device):
+    """``pretrained.load(kind, source, **options)`` from the ``pretrained`` config group (null options dropped)."""
+    from omegaconf import OmegaConf
+
+    from .. import pretrained
+
+    spec = OmegaConf.to_container(spec, resolve=True) if not isinstance(spec, dict) else spec
+    unknown = sorted(set(spec) - {"kind", "source", "options"})
+    if unknown:
+        raise UserError(f"pretrained: unknown key(s) {unknown}; give pretrained.kind, .source and .options.*")
+    options = {k: v for k, v in (spec.get("options") or {}).items() if v is not None}
+    try:
+        return pretrained.load(str(spec.get("kind")), spec.get("source"), device=device, **options)
+    except (pretrained.PretrainedError, FileNotFoundError, ImportError) as e:
+        raise UserError(f"pretrained={spec.get('kind')}: {e}") from None
+
+
+def cached_gamma(eps_model, schedule, datamodule, s: EvalSettings, device, model_identity: dict
+                 ) -> tuple[torch.Tensor, int | None]:
+    """Gamma of a pretrained model: ``eval.gamma_path``, else calibrated once on the training split and kept in
+    ``eval.gamma_cache`` under a key of (model, training data, M, batch, seed), so later runs reuse it."""
+    from ..gamma import save_gamma_file
+
+    if s.gamma_path:
+        return load_gamma_file(s.gamma_path, schedule.N), None
+    M = s.calibration.num_samples
+    key = {"model": model_identity, "train_data": digest_tensor(datamodule.train_pool(None)), "M": M,
+           "batch_size": s.calibration.batch_size, "seed": s.seed}
+    path = Path(s.gamma_cache).expanduser() / f"gamma-{short(digest_json(key))}.pt" if s.gamma_cache else None
+    if path is not None and path.is_file() and not s.recalibrate:
+        log.info("Gamma from the cache %s", path)
+        return load_gamma_file(path, schedule.N), M
+    gamma = _calibrate(eps_model, schedule, datamodule, s, device)
+    if path is not None:
+        save_gamma_file(path, gamma, M=M, key=json.loads(json.dumps(key, default=str)))
+        log.info("Gamma (M=%d) cached in %s", M, path)
+    return gamma, M
+
+
+def _pretrained_context(cfg, s: EvalSettings, device: torch.device) -> EvalContext:
+    if not cfg.get("data"):
+        raise UserError(
+            "pretrained=... needs data=<name> (and its paths): the dataset the model was trained on; Gamma is "
+            "calibrated on its training split, NLL uses its held-out split, FID its training statistics"
+        )
+    m = load_pretrained(cfg.pretrained, device)
+    s.check_against(m.schedule.N)
+    datamodule, data_cfg = _datamodule(cfg, "data")
+    if (datamodule.channels, datamodule.image_size) != (m.channels, m.image_size):
+        got = f"{datamodule.channels}x{datamodule.image_size}x{datamodule.image_size}"
+        raise UserError(
+            f"the pretrained model takes {m.channels}x{m.image_size}x{m.image_size} images but the data gives {got}; "
+            "pass the data it was trained on (data.image_size=... for an image folder)"
+        )
+    gamma, gamma_M = cached_gamma(m.eps_model, m.schedule, datamodule, s, device, m.identity)
+    model_id = short(digest_json({"pretrained": m.identity}))
+    return _network_context(s, device, eps_model=m.eps_model, schedule=m.schedule, gamma=gamma, gamma_M=gamma_M,
+                            datamodule=datamodule, data_cfg=data_cfg, model_id=model_id, model_step=None)
+
+
+def _fid_context(s: EvalSettings, datamodule, device) -> FidContext | None:
     from ..fid import InceptionFeatures, reference_stats
 
-    f = cfg.eval.fid
+    f = s.fid
     weights = f.weights_path
     if weights and not Path(weights).expanduser().is_file():
-        if f.get("skip_if_missing_weights", False):
-            log.warning("FID skipped: Inception weights %s not found (make fid-weights)", weights)
+        if f.skip_if_missing_weights:
+            log.warning("FID not computed: Inception weights %s not found (make fid-weights)", weights)
             return None
         raise UserError(
             f"FID Inception weights not found at {weights}. Build them offline with `make fid-weights`, pass "
             "eval.fid.weights_path=FILE, set eval.fid.weights_path=null to let torch-fidelity download them "
             "(online), or drop FID with eval.metrics=[nll]."
         )
-    features = InceptionFeatures(weights, device=device, batch_size=int(f.feature_batch_size))
-    ref_images = datamodule.train_pool(None if f.reference_images is None else int(f.reference_images))
-    cache_dir = Path(f.reference_cache).expanduser()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    name = getattr(datamodule, "name", "data")
-    ref = reference_stats(ref_images, weights, cache_path=cache_dir / f"{name}_train_{len(ref_images)}.npz",
-                          device=device, batch_size=int(f.feature_batch_size), features=features)
-    return FidContext(features=features, reference=ref)
+    try:
+        features = InceptionFeatures(weights, device=device, batch_size=f.feature_batch_size)
+    except OSError as e:  # torch-fidelity's download (weights_path=null) fails offline
+        raise UserError(
+            f"could not get the FID Inception weights ({type(e).__name__}: {e}); offline, build them with "
+            "`make fid-weights` and pass eval.fid.weights_path=FILE, or drop FID with eval.metrics=[nll]"
+        ) from None
+    ref_images = datamodule.train_pool(None if f.reference_images is None else f.reference_images)
+    cache_dir = Path(f.reference_cache).expanduser() if f.reference_cache else None
+    cache = None
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache = cache_dir / f"{getattr(datamodule, 'name', 'data')}_train_{len(ref_images)}.npz"
+    ref = reference_stats(ref_images, weights, cache_path=cache, device=device, batch_size=f.feature_batch_size,
+                          features=features)
+    identity = {"weights": features.weights_id, "reference": {k: ref.metadata.get(k) for k in
+                                                              ("fingerprint", "num_images", "weights")}}
+    return FidContext(features=features, reference=ref, identity=identity)
 
 
-def build_context(cfg) -> EvalContext:
-    device = pick_device(cfg.eval.get("device", "auto"))
+def build_context(cfg, settings: EvalSettings | None = None) -> EvalContext:
+    """The evaluation context of ``cfg`` (``settings`` validated from ``cfg.eval`` when not given)."""
+    if settings is None:
+        try:
+            settings = EvalSettings.from_config(cfg.eval)
+        except SettingsError as e:
+            raise UserError(str(e)) from None
     model_cfg = cfg.get("model") or {}
+    if not isinstance(model_cfg, Mapping) and not hasattr(model_cfg, "get"):
+        raise UserError(f"model must be a config group (oracle_gaussian, oracle_gmm), got {model_cfg!r}")
+    sources = [name for name, given in (("ckpt_path", cfg.get("ckpt_path")), ("model", model_cfg.get("oracle")),
+                                         ("pretrained", cfg.get("pretrained"))) if given]
+    if len(sources) > 1:
+        raise UserError(f"give one source of the noise predictor, not several: {' and '.join(sources)}")
+    if cfg.get("pretrained"):
+        try:
+            return _pretrained_context(cfg, settings, pick_device(settings.device))
+        except SettingsError as e:
+            raise UserError(str(e)) from None
     if model_cfg.get("oracle"):
         if cfg.get("ckpt_path"):
             raise UserError("give either ckpt_path=... or model=oracle_*, not both")
-        return _oracle_context(cfg, device)
+        try:
+            return _oracle_context(cfg, settings)
+        except SettingsError as e:
+            raise UserError(str(e)) from None
+    if model_cfg:
+        raise UserError("model= selects an exact oracle (oracle_gaussian, oracle_gmm) for evaluation; a trained "
+                        "network comes from ckpt_path=PATH")
     if not cfg.get("ckpt_path"):
-        raise UserError("pass ckpt_path=PATH (a training checkpoint), or model=oracle_gaussian / model=oracle_gmm")
-    return _checkpoint_context(cfg, device)
-
-
+        raise UserError("pass ckpt_path=PATH (a training checkpoint), pretrained=KIND pretrained.source=PATH (another "
+                        "project's network), or model=oracle_gaussian / model=oracle_gmm")
+    try:
+        return _checkpoint_context(cfg, settings, pick_device(settings.device))
+    except SettingsError as e:
+        raise UserError(str(e)) from None

@@ -14,6 +14,19 @@ With ``use_scale_shift_norm=False`` this is the DDPM network (the CIFAR10 config
 the 35,746,307 parameters of the official TensorFlow model); with ``use_scale_shift_norm=True`` the
 time embedding modulates the second GroupNorm FiLM-style, as in improved-DDPM.
 
+Options that make the network *identical* (not just equal in size) to the public implementations, so that
+their weights load by renaming keys (``analytic_dpm.pretrained``):
+
+* ``emb_act`` (default True): SiLU on the time embedding before each ResBlock's projection, as in DDPM
+  (``temb_proj(nonlinearity(temb))``) and iDDPM (``emb_layers = SiLU, Linear``). ``False`` reproduces the
+  networks this project trained before issue 8, which projected the embedding without it.
+* ``time_embedding``: ``"iddpm"`` (cosines first, frequencies ``exp(-log(10000) k / half)``) or ``"ddpm"``
+  (sines first, ``exp(-log(10000) k / (half - 1))``).
+* ``downsample_padding``: ``"symmetric"`` (iDDPM: 3x3 stride-2 conv with padding 1) or ``"asymmetric"``
+  (DDPM: zero pad right/bottom by one, then the stride-2 conv without padding).
+* ``norm_eps``: the GroupNorm epsilon (1e-5 in iDDPM, 1e-6 in DDPM).
+* ``num_heads_upsample``: attention heads in the decoder (iDDPM's flag; default: ``num_heads``).
+
 The implementation is kept free of shape-dependent Python control flow in ``forward`` so that it
 works under ``torch.compile(fullgraph=True)``, with ``channels_last`` inputs, and with bf16/fp16
 autocast (attention is evaluated in float32).
@@ -44,18 +57,33 @@ GROUPNORM_GROUPS = 32
 # ---------------------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------------------
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+TIME_EMBEDDINGS = ("iddpm", "ddpm")
+DOWNSAMPLE_PADDINGS = ("symmetric", "asymmetric")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, kind: str = "iddpm") -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps ``t`` of shape [B] -> [B, dim] (float32).
 
-    Frequencies are geometrically spaced from 1 down to ``1 / max_period``; the first half of the output
-    holds the cosines, the second half the sines (zero-padded if ``dim`` is odd). The timestep is
-    embedded exactly as given (no rescaling), so a model trained with t in 1..N must be queried the same way.
+    ``kind="iddpm"`` (improved-diffusion): frequencies ``exp(-log(max_period) k / half)``, k = 0..half-1, the
+    first half of the output holds the cosines, the second half the sines. ``kind="ddpm"`` (Ho et al.'s
+    ``get_timestep_embedding``): frequencies ``exp(-log(max_period) k / (half - 1))``, sines first. Both are
+    zero-padded if ``dim`` is odd, and computed with the same float32 operations as those implementations.
+    The timestep is embedded exactly as given (no rescaling), so a model trained with t in 1..N must be
+    queried the same way.
     """
     half = dim // 2
-    exponents = torch.arange(half, device=t.device, dtype=torch.float32) / half
-    freqs = torch.exp(-math.log(max_period) * exponents)
+    k = torch.arange(half, device=t.device, dtype=torch.float32)
+    if kind == "iddpm":
+        freqs = torch.exp(-math.log(max_period) * k / half)
+    elif kind == "ddpm":
+        freqs = torch.exp(k * -(math.log(max_period) / (half - 1)))
+    else:
+        raise ValueError(f"unknown time embedding {kind!r}; choose one of {TIME_EMBEDDINGS}")
     args = t.to(torch.float32)[:, None] * freqs[None, :]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if kind == "iddpm":
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    else:
+        emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
     if dim % 2 == 1:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -68,9 +96,9 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with the 32 groups used throughout DDPM / iDDPM."""
-    return nn.GroupNorm(GROUPNORM_GROUPS, channels)
+def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    """GroupNorm with the 32 groups used throughout DDPM / iDDPM (eps 1e-5 in iDDPM, 1e-6 in DDPM)."""
+    return nn.GroupNorm(GROUPNORM_GROUPS, channels, eps=eps)
 
 
 class TimestepBlock(nn.Module):
@@ -93,17 +121,26 @@ class TimestepSequential(nn.Sequential):
 # Resampling
 # ---------------------------------------------------------------------------------------------------------
 class Downsample(nn.Module):
-    """Halve the spatial size: a stride-2 3x3 conv (``use_conv``) or 2x2 average pooling."""
+    """Halve the spatial size: a stride-2 3x3 conv (``use_conv``) or 2x2 average pooling.
 
-    def __init__(self, channels: int, use_conv: bool = True):
+    ``padding="symmetric"`` pads the conv by one pixel on every side (iDDPM); ``"asymmetric"`` pads only the
+    right and bottom by one and convolves without padding (DDPM's TensorFlow ``"SAME"`` stride-2 conv). The
+    pad is a parameter-free module, so the conv's state-dict keys (``op.weight``, ``op.bias``) are the same.
+    """
+
+    def __init__(self, channels: int, use_conv: bool = True, padding: str = "symmetric"):
         super().__init__()
+        if padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(f"unknown downsample padding {padding!r}; choose one of {DOWNSAMPLE_PADDINGS}")
+        asymmetric = use_conv and padding == "asymmetric"
+        self.pad: nn.Module = nn.ZeroPad2d((0, 1, 0, 1)) if asymmetric else nn.Identity()
         if use_conv:
-            self.op: nn.Module = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+            self.op: nn.Module = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric else 1)
         else:
             self.op = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
+        return self.op(self.pad(x))
 
 
 class Upsample(nn.Module):
@@ -127,6 +164,9 @@ class ResBlock(TimestepBlock):
     -> dropout -> conv3x3 (zero-init)``, plus a skip connection (identity, or a 1x1 conv when the channel
     count changes). With ``up``/``down`` the block also resamples (BigGAN-style, iDDPM's
     ``resblock_updown``); the resampling is then parameter-free (nearest / average pooling).
+
+    The time embedding enters as ``emb_proj(SiLU(emb))`` (DDPM / iDDPM) when ``emb_act``, else as
+    ``emb_proj(emb)`` (this project's networks trained before issue 8).
     """
 
     def __init__(
@@ -138,12 +178,15 @@ class ResBlock(TimestepBlock):
         use_scale_shift_norm: bool = False,
         up: bool = False,
         down: bool = False,
+        emb_act: bool = True,
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
+        self.emb_act = bool(emb_act)
 
-        self.in_norm = group_norm(channels)
+        self.in_norm = group_norm(channels, norm_eps)
         self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
         # Parameter-free resampling applied to both the hidden path and the skip path.
         if up:
@@ -155,10 +198,10 @@ class ResBlock(TimestepBlock):
         else:
             self.h_resample = self.x_resample = nn.Identity()
 
-        # Projects the (already SiLU-activated) time embedding to a per-channel bias, or scale and shift.
+        # Projects the (SiLU-activated, if emb_act) time embedding to a per-channel bias, or scale and shift.
         self.emb_proj = nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
 
-        self.out_norm = group_norm(out_channels)
+        self.out_norm = group_norm(out_channels, norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
 
@@ -172,7 +215,7 @@ class ResBlock(TimestepBlock):
         h = self.in_conv(self.h_resample(h))
         x = self.x_resample(x)
 
-        emb_out = self.emb_proj(emb)[:, :, None, None].to(h.dtype)
+        emb_out = self.emb_proj(F.silu(emb) if self.emb_act else emb)[:, :, None, None].to(h.dtype)
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
             h = self.out_norm(h) * (1 + scale) + shift
@@ -191,14 +234,18 @@ class AttentionBlock(nn.Module):
     ``GN -> 1x1 conv to q, k, v -> softmax(q k^T / sqrt(d)) v -> 1x1 conv (zero-init)``. The attention
     itself runs in float32 (autocast disabled locally) through ``F.scaled_dot_product_attention``. The
     layout manipulation goes through NHWC, which is a free view for ``channels_last`` inputs.
+
+    The ``qkv`` conv's output channels are ordered ``(3, heads, d)``: all queries, then all keys, then all
+    values, each split into heads. (iDDPM orders them ``(heads, 3, d)`` and DDPM has three separate convs;
+    ``analytic_dpm.pretrained.unet_mapping`` permutes their weights into this order.)
     """
 
-    def __init__(self, channels: int, num_heads: int = 1):
+    def __init__(self, channels: int, num_heads: int = 1, norm_eps: float = 1e-5):
         super().__init__()
         if channels % num_heads != 0:
             raise ValueError(f"attention channels ({channels}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, norm_eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
 
@@ -239,6 +286,14 @@ class UNet(nn.Module):
         use_scale_shift_norm: FiLM-style conditioning (iDDPM) instead of adding the embedding (DDPM).
         resblock_updown: resample with (parameter-free) up/down ResBlocks instead of Up/Downsample layers.
         conv_resample: use 3x3 convs in Up/Downsample layers (else nearest / average pooling only).
+        emb_act: SiLU on the time embedding before every ResBlock's projection (DDPM / iDDPM; the default).
+            ``False`` reproduces networks trained by this project before issue 8 (checkpoints whose stored
+            model config lacks the key).
+        time_embedding: ``"iddpm"`` or ``"ddpm"`` sinusoidal embedding (see :func:`timestep_embedding`).
+        downsample_padding: ``"symmetric"`` (iDDPM) or ``"asymmetric"`` (DDPM) padding of the stride-2 conv.
+        norm_eps: GroupNorm epsilon (1e-5: iDDPM; 1e-6: DDPM).
+        num_heads_upsample: attention heads in the decoder blocks (iDDPM's flag; None or -1: ``num_heads``).
+            Ignored when ``num_head_channels`` is given.
     """
 
     def __init__(
@@ -256,6 +311,11 @@ class UNet(nn.Module):
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         conv_resample: bool = True,
+        emb_act: bool = True,
+        time_embedding: str = "iddpm",
+        downsample_padding: str = "symmetric",
+        norm_eps: float = 1e-5,
+        num_heads_upsample: int | None = None,
     ):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
@@ -263,10 +323,20 @@ class UNet(nn.Module):
         out_channels = in_channels if out_channels is None else int(out_channels)
         if num_head_channels == -1:  # iDDPM's spelling of "not set"
             num_head_channels = None
+        if num_heads_upsample is None or num_heads_upsample == -1:  # iDDPM: -1 = same as num_heads
+            num_heads_upsample = num_heads
         _validate(
             in_channels, out_channels, image_size, base_channels, channel_mult, num_res_blocks, attn_res,
-            dropout, num_heads, num_head_channels,
+            dropout, num_heads, num_head_channels, num_heads_upsample,
         )  # fmt: skip
+        if time_embedding not in TIME_EMBEDDINGS:
+            raise ValueError(f"time_embedding must be one of {TIME_EMBEDDINGS}, got {time_embedding!r}")
+        if time_embedding == "ddpm" and base_channels < 4:
+            raise ValueError("the ddpm time embedding needs base_channels >= 4 (it divides by half - 1)")
+        if downsample_padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(f"downsample_padding must be one of {DOWNSAMPLE_PADDINGS}, got {downsample_padding!r}")
+        if not norm_eps > 0:
+            raise ValueError(f"norm_eps must be positive, got {norm_eps}")
 
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -275,14 +345,28 @@ class UNet(nn.Module):
         self.channel_mult = channel_mult
         self.num_res_blocks = num_res_blocks
         self.attention_resolutions = attn_res
+        self.emb_act = bool(emb_act)
+        self.time_embedding = time_embedding
+        self.downsample_padding = downsample_padding
+        self.norm_eps = float(norm_eps)
+        self.num_heads = num_heads
+        self.num_heads_upsample = num_heads_upsample
 
         emb_dim = 4 * base_channels
 
-        def heads_for(ch: int) -> int:
-            return ch // num_head_channels if num_head_channels else num_heads
+        def heads_for(ch: int, decoder: bool = False) -> int:
+            if num_head_channels:
+                return ch // num_head_channels
+            return num_heads_upsample if decoder else num_heads
 
         def resblock(ch_in: int, ch_out: int | None = None, **kw) -> ResBlock:
-            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm=use_scale_shift_norm, **kw)
+            return ResBlock(
+                ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm=use_scale_shift_norm, emb_act=emb_act,
+                norm_eps=norm_eps, **kw,
+            )  # fmt: skip
+
+        def attention(ch: int, decoder: bool = False) -> AttentionBlock:
+            return AttentionBlock(ch, heads_for(ch, decoder), norm_eps=norm_eps)
 
         # Timestep embedding MLP.
         self.time_embed = nn.Sequential(
@@ -302,17 +386,20 @@ class UNet(nn.Module):
                 layers: list[nn.Module] = [resblock(ch, base_channels * mult)]
                 ch = base_channels * mult
                 if res in attn_res:
-                    layers.append(AttentionBlock(ch, heads_for(ch)))
+                    layers.append(attention(ch))
                 self.input_blocks.append(TimestepSequential(*layers))
                 skip_chans.append(ch)
             if level != len(channel_mult) - 1:
-                down = resblock(ch, down=True) if resblock_updown else Downsample(ch, conv_resample)
+                if resblock_updown:
+                    down: nn.Module = resblock(ch, down=True)
+                else:
+                    down = Downsample(ch, conv_resample, padding=downsample_padding)
                 self.input_blocks.append(TimestepSequential(down))
                 skip_chans.append(ch)
                 res //= 2
 
         # Bottleneck.
-        self.middle_block = TimestepSequential(resblock(ch), AttentionBlock(ch, heads_for(ch)), resblock(ch))
+        self.middle_block = TimestepSequential(resblock(ch), attention(ch), resblock(ch))
 
         # Decoder: each block concatenates one skip connection.
         self.output_blocks = nn.ModuleList()
@@ -321,7 +408,7 @@ class UNet(nn.Module):
                 layers = [resblock(ch + skip_chans.pop(), base_channels * mult)]
                 ch = base_channels * mult
                 if res in attn_res:
-                    layers.append(AttentionBlock(ch, heads_for(ch)))
+                    layers.append(attention(ch, decoder=True))
                 if level != 0 and i == num_res_blocks:
                     layers.append(resblock(ch, up=True) if resblock_updown else Upsample(ch, conv_resample))
                     res *= 2
@@ -329,7 +416,7 @@ class UNet(nn.Module):
 
         # Output head; the conv is zero-initialised so the network starts by predicting eps = 0.
         self.out = nn.Sequential(
-            group_norm(ch),
+            group_norm(ch, norm_eps),
             nn.SiLU(),
             zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)),
         )
@@ -339,7 +426,7 @@ class UNet(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.base_channels))
+        emb = self.time_embed(timestep_embedding(t, self.base_channels, kind=self.time_embedding))
 
         hs = []
         h = x
@@ -377,6 +464,7 @@ def _validate(
     dropout: float,
     num_heads: int,
     num_head_channels: int | None,
+    num_heads_upsample: int | None = None,
 ) -> None:
     """Raise ``ValueError`` with a clear message for an inconsistent configuration."""
     if in_channels < 1 or out_channels < 1:
@@ -423,3 +511,12 @@ def _validate(
         bad = sorted(c for c in attn_chans if c % num_heads)
         if bad:
             raise ValueError(f"attention channels {bad} are not divisible by num_heads={num_heads}")
+        if num_heads_upsample is not None:
+            if num_heads_upsample < 1:
+                raise ValueError(f"num_heads_upsample must be positive (or -1 = num_heads), got {num_heads_upsample}")
+            decoder_chans = {base_channels * channel_mult[reachable.index(r)] for r in attn_res}
+            bad = sorted(c for c in decoder_chans if c % num_heads_upsample)
+            if bad:
+                raise ValueError(
+                    f"decoder attention channels {bad} are not divisible by num_heads_upsample={num_heads_upsample}"
+                )

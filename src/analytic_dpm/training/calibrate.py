@@ -6,6 +6,14 @@
 
 The datamodule is rebuilt from the checkpoint's ``data`` config (``--data KEY=VALUE`` overrides keys, e.g. when
 the dataset moved). ``ckpt_path=PATH`` / ``num_samples=M`` (Hydra style) are accepted as well.
+
+A pretrained network of another project (the kinds of :mod:`analytic_dpm.pretrained`) gets a Gamma file that
+``python evaluate.py ... eval.gamma_path=FILE`` reads:
+
+    python -m analytic_dpm.training.calibrate --pretrained diffusers --source ddpm-cifar10-32 \
+        --dataset cifar10 --data root=data --out gamma_ddpm_cifar10.pt -M 100
+    python -m analytic_dpm.training.calibrate --pretrained improved_diffusion --source model.pt \
+        --option image_size=32 --option num_res_blocks=3 --dataset cifar10 --out gamma.pt
 """
 
 from __future__ import annotations
@@ -57,13 +65,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the checkpoint's data config (repeatable), e.g. root=/data")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("pretrained networks of other projects (instead of --ckpt)")
+    g.add_argument("--pretrained", metavar="KIND", help="diffusers | improved_diffusion | ddpm")
+    g.add_argument("--source", help="the pretrained model's file, directory or Hub id")
+    g.add_argument("--option", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of that format (its own flag names), repeatable")
+    g.add_argument("--dataset", help="the training data: a name of conf/data (cifar10, celeba64, image_folder, ...)")
     return p
+
+
+def calibrate_pretrained(args) -> int:
+    """Gamma of a pretrained network on a dataset's training split, written to ``--out``."""
+    import torch
+
+    from ..data import get_datamodule_class
+    from ..gamma import estimate_gamma, gamma_warnings, save_gamma_file
+    from ..pretrained import PretrainedError
+    from ..pretrained import load as load_pretrained
+    from ..registry import build_datamodule
+
+    if not args.source or not args.out or not args.dataset:
+        print("error: --pretrained needs --source PATH, --dataset NAME and --out FILE", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        m = load_pretrained(args.pretrained, args.source, device=device, **dict(args.option))
+        cls = get_datamodule_class(args.dataset)
+        dm = build_datamodule({"_target_": f"analytic_dpm.data.{cls.__name__}", **dict(args.data)},
+                              where=f"--dataset {args.dataset}")
+        dm.setup("fit")
+        if (dm.channels, dm.image_size) != (m.channels, m.image_size):
+            raise ValueError(f"the model takes {m.channels}x{m.image_size}^2 images, --dataset {args.dataset} gives "
+                             f"{dm.channels}x{dm.image_size}^2")
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        gamma = estimate_gamma(m.eps_model, m.schedule, dm.train_pool(None), args.num_samples, args.batch_size,
+                               generator=gen, progress=not args.no_progress)
+    except (PretrainedError, FileNotFoundError, ImportError, ValueError, TypeError, DatasetNotAvailableError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for w in gamma_warnings(gamma):
+        print(f"warning: {w}", file=sys.stderr)
+    save_gamma_file(args.out, gamma, M=int(args.num_samples), seed=int(args.seed), model=m.identity,
+                    dataset=args.dataset, N=m.schedule.N)
+    print(f"Gamma (M={args.num_samples}, N={m.schedule.N}): max {float(gamma[1:].max()):.4f}, "
+          f"mean {float(gamma[1:].mean()):.4f} -> {args.out}  (use it with eval.gamma_path={args.out})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = _hydra_style(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.pretrained:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        return calibrate_pretrained(args)
     ckpt = args.ckpt or args.ckpt_pos
     if not ckpt:
         parser.error("give the checkpoint: --ckpt PATH")

@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
+import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..files import atomic_write
+from ..registry import UnsafeConfigError, build_network
+from ..registry import build_datamodule as registry_build_datamodule
 from ..schedule import NoiseSchedule
 from .calibration import calibrate_gamma
 from .data import mix_seed
-from .module import CHECKPOINT_KEY, build_model
+from .module import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +76,7 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
         raise FileNotFoundError(f"checkpoint not found: {p}")
     if not p.is_file():
         raise ValueError(f"{p} is not a file (expected a .ckpt checkpoint file)")
-    try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"{p} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
+    ckpt = safe_torch_load(p, map_location=map_location, what="checkpoint")
     if not isinstance(ckpt, dict):
         raise ValueError(f"{p} does not hold a checkpoint dictionary (found {type(ckpt).__name__})")
     missing = [k for k in ("state_dict", "hyper_parameters") if k not in ckpt]
@@ -95,6 +94,38 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     return ckpt
 
 
+def safe_torch_load(path: Path, map_location="cpu", what: str = "file") -> Any:
+    """``torch.load(path, weights_only=True)`` with messages that say what is wrong with the file.
+
+    Never suggests ``weights_only=False``: a file that needs it holds pickled code, which this project refuses to
+    run (it may come from someone else).
+    """
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): not a {what}; was it written completely?")
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip and not head.startswith(b"\x80"):  # neither torch.save's zip nor its legacy pickle format
+        raise ValueError(f"{path} is not a readable PyTorch {what}: not a file written by torch.save")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+        text = str(e)
+        if "Unsupported global" in text:
+            found = re.search(r"GLOBAL (\S+)", text)
+            detail = f" (it names {found.group(1)})" if found else ""
+            raise ValueError(
+                f"{path} holds pickled Python objects besides tensors and plain containers{detail}; refusing to "
+                f"unpickle it, since that could run code. A {what} of this project holds only tensors, numbers, "
+                "strings, lists and dicts."
+            ) from None
+        if is_zip:
+            reason = f"a damaged archive ({type(e).__name__})"
+        else:
+            reason = "not a file written by torch.save (no zip archive inside)"
+        raise ValueError(f"{path} is not a readable PyTorch {what}: {reason}") from None
+
+
 def _schedule_of(hp: Mapping, p: Path) -> NoiseSchedule:
     try:
         return NoiseSchedule.from_name(str(hp["diffusion"]["schedule"]), int(hp["diffusion"]["N"]))
@@ -104,9 +135,15 @@ def _schedule_of(hp: Mapping, p: Path) -> NoiseSchedule:
 
 def _model_of(ckpt: Mapping, p: Path, map_location) -> tuple[nn.Module, str]:
     hp = ckpt["hyper_parameters"]
+    model_cfg = dict(hp["model"]) if isinstance(hp["model"], Mapping) else hp["model"]
+    if isinstance(model_cfg, dict) and "emb_act" not in model_cfg:
+        # written by analytic_dpm 0.1.0, whose UNet had no SiLU on the time embedding inside ResBlocks
+        model_cfg["emb_act"] = False
     try:
-        model = build_model(hp["model"])
-    except Exception as e:
+        model = build_network(model_cfg, where=f"{p}: hyper_parameters.model")
+    except UnsafeConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a wrong argument value inside an allowed class
         raise ValueError(f"{p}: cannot build the network from hyper_parameters.model: {e}") from None
     sd = ckpt["state_dict"]
     weights = {k[len("ema_model."):]: v for k, v in sd.items() if k.startswith("ema_model.")}
@@ -118,6 +155,13 @@ def _model_of(ckpt: Mapping, p: Path, map_location) -> tuple[nn.Module, str]:
             log.warning("%s has no EMA weights (ema_model.*): using the trained weights", p)
     if not weights:
         raise ValueError(f"{p}: state_dict has neither ema_model.* nor eps_model.* weights")
+    bad = [k for k, v in weights.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"{p}: {len(bad)} weight tensor(s) of the {kind} network hold NaN or inf (e.g. {bad[0]}): the run "
+            "diverged or the file is damaged; evaluate an earlier checkpoint, or retrain with a lower lr / in fp32"
+        )
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -161,26 +205,13 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> LoadedCheckp
 
 
 def build_datamodule(data_cfg: Mapping, **overrides: Any):
-    """Instantiate a datamodule from a (plain) ``data`` config section, e.g. ``hparams["data"]``."""
-    from hydra.utils import instantiate
-
-    cfg = {**dict(data_cfg), **overrides}
-    target = cfg.get("_target_")
-    if not isinstance(target, str) or not target.startswith("analytic_dpm."):
-        raise ValueError(f"the data config needs a `_target_` inside the analytic_dpm package, got {target!r}")
-    return instantiate(cfg, _convert_="all")
+    """A datamodule from a (plain) ``data`` config section read from a checkpoint, e.g. ``hparams["data"]``,
+    through the allow list of :mod:`analytic_dpm.registry` (a file never chooses what code runs)."""
+    return registry_build_datamodule(data_cfg, where="hyper_parameters.data", **overrides)
 
 
 def _atomic_save(obj: Any, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    atomic_write(out, lambda fh: torch.save(obj, fh))
 
 
 def calibrate_checkpoint(

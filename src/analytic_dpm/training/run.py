@@ -15,15 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data import DatasetNotAvailableError
 from .data import ReproducibleDataModule
+from .errors import ConfigError
 from .module import DiffusionModule, plain
+from .resume import finished_summary, resolve_resume
 
 log = logging.getLogger(__name__)
 
 __all__ = ["USER_ERRORS", "ConfigError", "run_cli", "train"]
 
-
-class ConfigError(ValueError):
-    """A setting of the run config is wrong; the message says which and how to fix it."""
 
 
 def _instantiate(node, what: str, **kwargs):
@@ -65,9 +64,15 @@ def _finish_wandb() -> None:
 def _check_ckpt_path(ckpt_path) -> str | None:
     if ckpt_path in (None, ""):
         return None
+    from .checkpoint import read_checkpoint
+
     p = Path(str(ckpt_path)).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file (resume needs an existing .ckpt)")
+    try:
+        read_checkpoint(p)  # a corrupt, empty or foreign file fails here with a clear message, not inside Lightning
+    except ValueError as e:
+        raise ConfigError(f"ckpt_path={ckpt_path}: cannot resume from it: {e}") from None
     return str(p)
 
 
@@ -84,19 +89,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("data") is None or cfg.get("model") is None or cfg.get("diffusion") is None:
         raise ConfigError("the config needs data, model and diffusion sections (see conf/train.yaml)")
     seed = cfg.get("seed")
+    ckpt_path = _check_ckpt_path(cfg.get("ckpt_path"))
+    config = plain(cfg)  # resolves every interpolation (paths, ${data.channels}, ...)
+    output_dir = Path(config.get("paths", {}).get("output_dir") or os.getcwd())
+    resumed_config = None
+    if ckpt_path is None:  # a directory with checkpoints: resume the same run, refuse another (resolve_resume)
+        ckpt_path, resumed_config = resolve_resume(config, output_dir, bool(cfg.get("overwrite", False)),
+                                                   seed_given=seed is not None)
+        if ckpt_path:
+            log.info("%s already holds this run: resuming from %s", output_dir, ckpt_path)
     if seed is None:
-        seed = random.SystemRandom().randrange(2**31)
-        log.info("seed=null: drew seed %d", seed)
+        seed = (resumed_config or {}).get("seed")
+        if seed is None:
+            seed = random.SystemRandom().randrange(2**31)
+            log.info("seed=null: drew seed %d", seed)
     seed = int(seed)
     L.seed_everything(seed, workers=True)
     if cfg.get("float32_matmul_precision"):
         torch.set_float32_matmul_precision(str(cfg.float32_matmul_precision))
-    ckpt_path = _check_ckpt_path(cfg.get("ckpt_path"))
-
-    config = plain(cfg)  # resolves every interpolation (paths, ${data.channels}, ...)
     config["seed"] = seed
-    output_dir = Path(config.get("paths", {}).get("output_dir") or os.getcwd())
     output_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt_path and resumed_config is not None:
+        finished = finished_summary(ckpt_path, cfg, output_dir)
+        if finished is not None:
+            return finished
 
     log.info("instantiating datamodule <%s>", cfg.data.get("_target_"))
     inner = _instantiate(cfg.data, "the datamodule (data=...)")
@@ -168,11 +184,18 @@ def run_cli(cfg: DictConfig) -> float | None:
     """The Hydra task of ``train.py``: prints a one-paragraph error and exits 2 on a user error."""
     if cfg.get("print_config", False):
         print(OmegaConf.to_yaml(cfg, resolve=False))
+    from omegaconf.errors import MissingMandatoryValue
+
     try:
         summary = train(cfg)
     except USER_ERRORS as e:
         log.error("%s", e)
         print(f"\nerror: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except MissingMandatoryValue as e:
+        from ..evaluation.run import missing_value_message
+
+        print(f"\nerror: {missing_value_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     loss = summary["metrics"].get("train/loss")
     return loss

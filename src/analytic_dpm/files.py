@@ -1,0 +1,97 @@
+"""Writing result files safely: atomically, durably, with ordinary permissions, and under a lock when shared.
+
+* :func:`atomic_write` writes through a temporary file in the target's directory, fsyncs it, gives it the
+  permissions any new file of this process would get (``0o666 & ~umask``; ``mkstemp`` alone makes it owner-only),
+  and renames it over the target, so a reader never sees a truncated file and a crash leaves the old one.
+* :func:`file_lock` is an exclusive advisory lock (POSIX ``lockf``, which also works on NFS, where SLURM jobs of
+  one sweep share a directory) held while a process reads, merges and rewrites a shared file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+__all__ = ["atomic_write", "atomic_write_text", "file_lock"]
+
+
+def _default_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(fh)`` on a temporary binary file, then publish it as ``path`` atomically; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable (POSIX); harmless to skip elsewhere
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of UTF-8 text."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, timeout: float | None = 600.0, what: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` block.
+
+    Waits for another holder up to ``timeout`` seconds (None: forever), then raises ``TimeoutError`` naming the
+    file. On systems without ``fcntl`` it yields without locking.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, _default_mode())
+    try:
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if timeout is not None and time.monotonic() - start > timeout:
+                    raise TimeoutError(
+                        f"{what or path} is locked by another process for more than {timeout:.0f} s "
+                        f"(lock file {path}); is another run writing the same directory?"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
