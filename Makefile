@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA_DIR ?= data
 FID_WEIGHTS ?= weights/pt_inception-2015-12-05.pth
 
-.PHONY: install test test-all test-gpu test-slurm lint train evaluate demo fid-weights fashion-mnist bench clean
+.PHONY: install test test-all test-gpu test-ddp test-slurm lint train evaluate demo fid-weights fashion-mnist bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -24,8 +24,11 @@ fashion-mnist: $(STAMP)  ## fill $(DATA_DIR)/FashionMNIST/raw from Debian's data
 test: $(STAMP)  ## fast CPU suite (a few minutes on 2 cores)
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)  ## fast + slow tests (no GPU, no SLURM cluster needed)
+test-all: $(STAMP)  ## fast + slow + DDP tests (no GPU, no SLURM cluster needed)
 	$(PY) -m pytest -q -m "not gpu and not slurm"
+
+test-ddp: $(STAMP)  ## Lightning DDP with 2 CPU processes (gloo): training and evaluation, 1 vs 2 processes, shards
+	$(PY) -m pytest -q -m ddp
 
 test-gpu: $(STAMP)  ## tests that need CUDA
 	$(PY) -m pytest -q -m gpu

@@ -70,12 +70,12 @@ def test_oracle_gaussian_grid_matches_closed_form_and_resumes(tmp_path, monkeypa
     assert tables and "analytic_ddpm" in tables[0].read_text()
 
     # resume: a rerun into the same directory computes nothing
-    import analytic_dpm.evaluation.grid as grid
+    import analytic_dpm.evaluation.modules as modules
 
     def boom(*a, **k):
         raise AssertionError("a finished cell was recomputed")
 
-    monkeypatch.setattr(grid, "nll_bpd", boom)
+    monkeypatch.setattr(modules, "nll_bpd", boom)
     evaluate(_cfg(tmp_path, *ORACLE_GRID, "wandb.mode=disabled"))
     # ... while a new K is computed (and only it)
     monkeypatch.undo()
@@ -104,18 +104,18 @@ def test_multirun_jobs_merge_into_one_grid(tmp_path):
 
 
 def test_fid_cells_stream_samples_and_save_a_grid(tmp_path, random_inception_weights):
-    from analytic_dpm.fid import InceptionFeatures, InceptionWeightsWarning, reference_stats
+    from analytic_dpm.fid import InceptionFID, InceptionWeightsWarning
 
     sched = NoiseSchedule.linear(1000)
     oracle = GaussianOracle(sched, 0.0, 0.5, (3, 16, 16))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", InceptionWeightsWarning)
-        features = InceptionFeatures(random_inception_weights, device="cpu", batch_size=8)
+        metric = InceptionFID(random_inception_weights, batch_size=8)
     ref_images = ((oracle.sample_data(8, torch.Generator().manual_seed(0)).clamp(-1, 1) + 1) * 127.5).round()
-    ref = reference_stats(ref_images.to(torch.uint8), random_inception_weights, features=features, progress=False)
+    metric.reference(ref_images.to(torch.uint8), progress=False)
     ctx = EvalContext(eps_model=oracle, schedule=sched, gamma=oracle.gamma(), gamma_M=None, dataset="toy",
                       data_range=(-1.0, 1.0), heldout=lambda n: oracle.sample_data(n or 8), num_heldout=8,
-                      sample_shape=(3, 16, 16), device=torch.device("cpu"), fid=FidContext(features, ref))
+                      sample_shape=(3, 16, 16), device=torch.device("cpu"), fid=FidContext(metric))
     store = ResultStore(tmp_path)
     cfg = EvalSettings.from_config({"K": [2], "trajectory": ["even", "optimal"], "method": ["ddim", "analytic_ddim"],
                                     "metrics": ["fid"], "seed": 0, "fid": {"num_samples": 8, "batch_size": 5}})

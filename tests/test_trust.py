@@ -156,7 +156,7 @@ def test_rerun_with_another_checkpoint_or_seed_is_refused_or_redirected(tmp_path
 
 
 def test_fid_not_computed_is_computed_once_weights_exist(tmp_path, random_inception_weights):
-    from analytic_dpm.fid import InceptionFeatures, InceptionWeightsWarning, reference_stats
+    from analytic_dpm.fid import InceptionFID, InceptionWeightsWarning
 
     sched = NoiseSchedule.linear(1000)
     oracle = GaussianOracle(sched, 0.0, 0.5, (3, 8, 8))
@@ -176,10 +176,10 @@ def test_fid_not_computed_is_computed_once_weights_exist(tmp_path, random_incept
     assert row["fid"] is None and "FID: not computed" in row["note"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", InceptionWeightsWarning)
-        features = InceptionFeatures(random_inception_weights, device="cpu", batch_size=8)
+        metric = InceptionFID(random_inception_weights, batch_size=8)
     ref_images = ((oracle.sample_data(4, torch.Generator().manual_seed(0)).clamp(-1, 1) + 1) * 127.5).round()
-    ref = reference_stats(ref_images.to(torch.uint8), random_inception_weights, features=features, progress=False)
-    GridRunner(ctx(FidContext(features, ref, identity={"w": 1})), ResultStore(tmp_path), settings).run(cells)
+    metric.reference(ref_images.to(torch.uint8), progress=False)
+    GridRunner(ctx(FidContext(metric, identity={"w": 1})), ResultStore(tmp_path), settings).run(cells)
     row = ResultStore(tmp_path).rows[0]
     assert math.isfinite(row["fid"]) and row["fid_id"] and "not computed" not in row["note"]
 
@@ -370,7 +370,7 @@ EVAL_ERRORS = [
     (["eval.nll.decoder=gaussian"], "eval.nll.decoder: unknown value"),
     (["eval.seed=1.5"], "eval.seed must be an integer"),
     (["eval.clip_x0=maybe"], "eval.clip_x0 must be true or false"),
-    (["ckpt_path=/nowhere.ckpt"], "not both"),
+    (["ckpt_path=/nowhere.ckpt"], "not several: ckpt_path and model"),
 ]
 CKPT_ERRORS = [("missing", "checkpoint not found"), ("empty", "is empty"),
                ("garbage", "not a file written by torch.save"), ("pickle", "refusing to unpickle")]

@@ -1,9 +1,11 @@
-"""The K x trajectory x method evaluation grid: plans cells, computes NLL and FID, stores rows as it goes.
+"""The K x trajectory x method evaluation grid: plans cells, runs them as LightningModules, stores rows as it goes.
 
 One NLL pass per (trajectory, K) serves every DDPM-type method (they share the network evaluations); FID is
-per cell, with samples streamed to the Inception network. Cells that are not defined (NLL of DDIM methods,
-the optimal trajectory for DDIM, quadratic duplicates) are recorded with the reason in ``note``.
-Rerunning into the same run directory skips finished cells (``ResultStore``).
+per cell, with samples streamed into torchmetrics' FID. Both run under a Lightning ``Trainer``
+(:mod:`.modules`: one device, DDP, several nodes); rank 0 writes the rows. Cells that are not defined (NLL of DDIM
+methods, the optimal trajectory for DDIM, quadratic duplicates) are recorded with the reason in ``note``.
+Rerunning into the same run directory skips finished cells (``ResultStore``); a shard job
+(``eval.num_shards > 1``) writes partial statistics instead of values (:mod:`.shards`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,15 +26,14 @@ from tqdm.auto import tqdm
 
 from ..files import atomic_write_text
 from ..identity import digest_json, short
-from ..likelihood import nll_bpd
 from ..methods import METHODS, check_method
-from ..sampler import sample
 from ..schedule import NoiseSchedule
 from ..trajectory import TRAJECTORY_KINDS, make_trajectory
 from ..validation import NonFiniteOutputError
 from ..variance import reverse_variance, variance_bounds
 from .results import ResultStore, normalize_row
 from .settings import EvalSettings
+from .shards import read_shard_id, shard_path, write_nll_shard
 
 log = logging.getLogger(__name__)
 NLL_UNDEFINED_DDIM = "not defined for the DDIM forward process (lambda = 0 makes the bound infinite)"
@@ -59,8 +61,8 @@ class EvalContext:
 
 @dataclass
 class FidContext:
-    features: Any  # analytic_dpm.fid.InceptionFeatures
-    reference: Any  # analytic_dpm.fid.FeatureStats of the training split
+    metric: Any  # analytic_dpm.fid.InceptionFID with the reference (real) statistics loaded
+    reference_path: str | None = None  # where the reference statistics are on disk (shard merges read them)
     identity: dict = field(default_factory=dict)  # Inception weights and reference statistics
 
 
@@ -116,15 +118,35 @@ class GridRunner:
     """
 
     def __init__(self, ctx: EvalContext, store: ResultStore, settings: EvalSettings,
-                 on_row: Callable[[dict], None] | None = None):
+                 on_row: Callable[[dict], None] | None = None, trainer=None):
         self.ctx, self.store, self.s = ctx, store, settings
         self.on_row = on_row or (lambda row: None)
         self.seed = settings.seed
         self.metrics = list(settings.metrics)
         self.failures: list[str] = []
+        self.trainer = trainer
+        self.shard, self.num_shards = settings.shard, settings.num_shards
         if "fid" in self.metrics and not ctx.is_image:
             log.warning("FID needs images: not defined for %s", ctx.dataset)
         self._nll_id: str | None = None
+        self._nets: dict[tuple[str, int], Any] = {}
+
+    def network(self, phase: str, batch: int):
+        """The noise predictor at ``eval.precision`` / ``eval.compile`` (:mod:`analytic_dpm.accel`), one wrapper per
+        phase, each with the static batch of that phase (sampling batch, NLL network batch)."""
+        key = (phase, int(batch))
+        if key not in self._nets:
+            from ..accel import prepare_eps_model
+
+            self._nets[key] = prepare_eps_model(self.ctx.eps_model, precision=self.s.precision,
+                                                compile=self.s.compile, mode=self.s.compile_mode,
+                                                device=self.ctx.device, static_batch=int(batch))
+        return self._nets[key]
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 writes results (every rank computes)."""
+        return self.trainer is None or self.trainer.is_global_zero
 
     # ------------------------------------------------------------------ identity
     def nll_identity(self) -> dict:
@@ -192,12 +214,20 @@ class GridRunner:
 
     def _save(self, row: dict) -> None:
         """Merge ``row`` (one metric's result) into the store; that metric's old note is replaced by the new one."""
+        if not self.is_writer:
+            return
         prefix = "NLL:" if "nll_bpd" in row else "FID:"
         old = self.store.get(self._key(Cell(row["method"], row["trajectory"], row["K"])))
         kept = [n for n in ((old or {}).get("note") or "").split("; ") if n and not n.startswith(prefix)]
         row["note"] = "; ".join(kept + ([row["note"]] if row.get("note") else []))
         saved = self.store.add(row, merge=True)
         self.on_row(saved)
+
+    def _cell_dir_name(self, c: Cell) -> str:
+        return self.store.cell_dir(self._key(c), create=False).name
+
+    def _shard_file(self, c: Cell, metric: str) -> Path:
+        return shard_path(self.store.run_dir, self._cell_dir_name(c), metric, self.shard, self.num_shards)
 
     def trajectory(self, cell: Cell) -> list[int]:
         return make_trajectory(
@@ -207,33 +237,45 @@ class GridRunner:
         )
 
     def _nll_done(self, c: Cell) -> bool:
+        if self.num_shards > 1 and c.forward == "ddpm":
+            return read_shard_id(self._shard_file(c, "nll")) == self.nll_id()
         return self.store.done(self._key(c), ("nll_bpd",), {"nll_bpd": self.nll_id()})
 
     def _fid_done(self, c: Cell) -> bool:
         if self.ctx.fid is None and self.ctx.is_image:  # not computable now: only a "not computed" note
-            return self.store.get(self._key(c)) is not None and "FID: not computed" in (
-                self.store.get(self._key(c)) or {}).get("note", "")
+            row = self.store.get(self._key(c)) or {}
+            return "FID: not computed" in row.get("note", "")
+        if self.num_shards > 1 and self.ctx.fid is not None:
+            return read_shard_id(self._shard_file(c, "fid")) == self.fid_id(c.method)
         return self.store.done(self._key(c), ("fid",), {"fid": self.fid_id(c.method) if self.ctx.fid else ""})
 
     # ------------------------------------------------------------------ the grid
-    def run(self, cells: Sequence[Cell]) -> None:
+    def plan(self, cells: Sequence[Cell]) -> list[tuple[str, Cell | list[Cell]]]:
+        """The work still to do, decided once (every rank of a DDP run must take the same decisions)."""
+        self.store.refresh()
         groups: dict[tuple[str, int], list[Cell]] = {}
         for c in cells:
             groups.setdefault((c.trajectory, c.K), []).append(c)
-        bar = tqdm(groups.items(), desc="grid (trajectory, K)", unit="group")
-        for (traj_kind, K), group in bar:
-            bar.set_postfix_str(f"{traj_kind} K={K}")
-            self.store.refresh()  # another process may have finished some of these cells
+        work: list[tuple[str, Cell | list[Cell]]] = []
+        for group in groups.values():
             if "nll" in self.metrics:
-                todo_nll = [c for c in group if not self._nll_done(c)]
-                if todo_nll:
-                    self._nll_group(todo_nll)
+                todo = [c for c in group if not self._nll_done(c)]
+                if todo:
+                    work.append(("nll", todo))
             if "fid" in self.metrics:
-                for c in group:
-                    if self.s.fid.wanted(c.method, c.K) and not self._fid_done(c):
-                        self.store.refresh()
-                        if not self._fid_done(c):
-                            self._fid_cell(c)
+                work += [("fid", c) for c in group if self.s.fid.wanted(c.method, c.K) and not self._fid_done(c)]
+        return work
+
+    def run(self, cells: Sequence[Cell]) -> None:
+        work = self.plan(cells)
+        bar = tqdm(work, desc="grid", unit="job", disable=not self.is_writer)
+        for kind, item in bar:
+            first = item[0] if isinstance(item, list) else item
+            bar.set_postfix_str(f"{kind.upper()} {first.trajectory} K={first.K}")
+            if kind == "nll":
+                self._nll_group(item)
+            else:
+                self._fid_cell(item)
 
     def _record(self, cell: Cell, metric: str, value, note: str, **extra) -> None:
         """A metric that is not a number: NaN = not defined; None = not computed or failed (note says which)."""
@@ -241,7 +283,8 @@ class GridRunner:
         row[metric] = value
         row["note"] = note
         row.update(extra)
-        log.info("%s %s K=%d: %s", cell.method, cell.trajectory, cell.K, note)
+        if self.is_writer:
+            log.info("%s %s K=%d: %s", cell.method, cell.trajectory, cell.K, note)
         self._save(row)
 
     def _undefined(self, cell: Cell, metric: str, reason: str) -> None:
@@ -255,11 +298,23 @@ class GridRunner:
         for c in cells:
             where = f"{c.method} {c.trajectory} K={c.K}"
             self.failures.append(f"{name} {where}: {err}")
-            log.error("%s %s failed: %s", name, where, err)
+            if self.is_writer:
+                log.error("%s %s failed: %s", name, where, err)
             self._record(c, metric, None, f"{name}: failed: {err}")
+
+    def _test(self, module) -> None:
+        trainer = self.trainer
+        if trainer is None:  # one process, no Lightning (notebooks, tests of the store): the same module, by hand
+            from .modules import build_eval_trainer
+
+            trainer = self.trainer = build_eval_trainer({"enable_progress_bar": False},
+                                                        accelerator=self.ctx.device.type.replace("cuda", "gpu"))
+        trainer.test(module, verbose=False)
 
     def _nll_group(self, cells: list[Cell]) -> None:
         """One pass of network evaluations for all DDPM-type methods of one (trajectory, K)."""
+        from .modules import NllGroupModule, block_ranges
+
         ddpm = []
         for c in cells:
             if c.forward == "ddim":
@@ -276,41 +331,45 @@ class GridRunner:
             return
         methods = [c.method for c in ddpm]
         x_all = self.ctx.heldout(self.s.nll.num_images)
-        batch = self.s.nll.batch_size
-        gen = torch.Generator(device=self.ctx.device).manual_seed(cell_seed(self.seed, "nll", ddpm[0].trajectory,
-                                                                            ddpm[0].K))
+        blocks = [(j, x_all[s0:s0 + n]) for j, s0, n in block_ranges(len(x_all), self.s.nll.batch_size)]
+        module = NllGroupModule(self.network("nll", self.s.nll.network_batch), self.ctx.schedule, taus, methods,
+                                self.ctx.gamma,
+                                self.ctx.nll_options, self.s.nll.network_batch,
+                                cell_seed(self.seed, "nll", ddpm[0].trajectory, ddpm[0].K), blocks,
+                                shard=self.shard, num_shards=self.num_shards)
         t0 = time.perf_counter()
-        sums = {m: 0.0 for m in methods}
-        term_sums = {m: torch.zeros(len(taus) + 1, dtype=torch.float64) for m in methods}
-        try:
-            for start in tqdm(range(0, len(x_all), batch), desc=f"NLL {ddpm[0].trajectory} K={len(taus)}",
-                              leave=False):
-                x0 = x_all[start:start + batch].to(self.ctx.device)
-                bpd, terms = nll_bpd(
-                    self.ctx.eps_model, self.ctx.schedule, taus, x0, methods, gamma=self.ctx.gamma,
-                    generator=gen, batch_size=self.s.nll.network_batch, return_terms=True, **self.ctx.nll_options,
-                )
-                for m in methods:
-                    sums[m] += bpd[m].sum().item()
-                    term_sums[m] += terms[m].sum(0)
-        except NonFiniteOutputError as e:
-            self._failed(ddpm, "nll_bpd", e)
-            return
+        self._test(module)
         seconds = time.perf_counter() - t0
-        n = len(x_all)
-        for c in ddpm:
+        res = module.result
+        if int(res["bad_t"]) <= self.ctx.schedule.N:
+            self._failed(ddpm, "nll_bpd", NonFiniteOutputError("nll_bpd", int(res["bad_t"])))
+            return
+        n = int(res["count"])
+        if self.num_shards > 1:
+            if self.is_writer:
+                key = dict(dataset=self.ctx.dataset, schedule=self.ctx.schedule.name, N=self.ctx.schedule.N,
+                           trajectory=ddpm[0].trajectory, K=ddpm[0].K)
+                write_nll_shard(self._shard_file(ddpm[0], "nll"), nll_id=self.nll_id(), key=key, methods=methods,
+                                bpd_sums=res["bpd"].tolist(), term_sums=res["terms"].tolist(), count=n, taus=taus,
+                                shard=self.shard, num_shards=self.num_shards)
+            for c in ddpm:
+                self._record(c, "nll_bpd", None, f"NLL: shard {self.shard} of {self.num_shards} written "
+                             "(merge the jobs' directories for the value)", nll_id=self.nll_id())
+            return
+        for i, c in enumerate(ddpm):
             row = self._base_row(c)
-            row.update(nll_bpd=sums[c.method] / n, num_nll_images=n, seconds=seconds, nll_id=self.nll_id(),
+            row.update(nll_bpd=float(res["bpd"][i]) / n, num_nll_images=n, seconds=seconds, nll_id=self.nll_id(),
                        note="")
-            # per-term breakdown (bits/dim, mean over images): [L_0, L_{tau_1|tau_2}, ..., L_prior]
-            cell_dir = self.store.cell_dir(self._key(c))
-            atomic_write_text(cell_dir / "nll_terms.json", json.dumps({
-                "trajectory": taus, "layout": "L_0, L_(tau_{k-1}|tau_k) for k=2..K, L_prior",
-                "terms_bpd": (term_sums[c.method] / n).tolist(), "nll_bpd": row["nll_bpd"],
-                "nll_id": self.nll_id()}, indent=1))
+            if self.is_writer:  # per-term breakdown (bits/dim, mean over images): [L_0, L_{tau_1|tau_2}, ..., L_prior]
+                atomic_write_text(self.store.cell_dir(self._key(c)) / "nll_terms.json", json.dumps({
+                    "trajectory": taus, "layout": "L_0, L_(tau_{k-1}|tau_k) for k=2..K, L_prior",
+                    "terms_bpd": (res["terms"][i] / n).tolist(), "nll_bpd": row["nll_bpd"],
+                    "nll_id": self.nll_id()}, indent=1))
             self._save(row)
 
     def _fid_cell(self, cell: Cell) -> None:
+        from .modules import FidCellModule, block_ranges
+
         if self.ctx.fid is None:
             if not self.ctx.is_image:
                 self._undefined(cell, "fid", "not defined for non-image data")
@@ -323,40 +382,36 @@ class GridRunner:
         except ValueError as e:
             self._undefined(cell, "fid", f"trajectory not defined: {e}")
             return
-        from ..fid import fid_of_stream
-
         f = self.s.fid
-        num, bs = f.num_samples, f.batch_size
-        clip_y = f.clip_sigma_y.get(cell.method)
-        gen = torch.Generator(device=self.ctx.device).manual_seed(cell_seed(self.seed, "fid", cell.method,
-                                                                            cell.trajectory, cell.K))
-        cell_dir = self.store.cell_dir(self._key(cell))
-        first: list[Tensor] = []
-
-        def batches() -> Iterator[Tensor]:
-            done = 0
-            while done < num:
-                n = min(bs, num - done)
-                x = sample(self.ctx.eps_model, self.ctx.schedule, taus, cell.method, (n, *self.ctx.sample_shape),
-                           gamma=self.ctx.gamma, eta=self.s.eta, clip_x0=self.s.clip_x0, clip_sigma_y=clip_y,
-                           generator=gen, device=self.ctx.device, data_range=self.ctx.data_range)
-                if not first:
-                    first.append(x[:64].cpu())
-                done += n
-                yield x
-
+        blocks = [(j, n) for j, _, n in block_ranges(f.num_samples, f.batch_size)]
+        grid = None
+        if f.save_grid and self.is_writer and self.shard == 0:
+            grid = self.store.cell_dir(self._key(cell)) / "samples.png"
+        module = FidCellModule(self.network("fid", f.batch_size), self.ctx.schedule, taus, cell.method, self.ctx.gamma,
+                               self.ctx.fid.metric, self.ctx.sample_shape,
+                               cell_seed(self.seed, "fid", cell.method, cell.trajectory, cell.K), blocks,
+                               eta=self.s.eta, clip_x0=self.s.clip_x0, clip_sigma_y=f.clip_sigma_y.get(cell.method),
+                               data_range=self.ctx.data_range, grid_path=grid, shard=self.shard,
+                               num_shards=self.num_shards)
         t0 = time.perf_counter()
-        try:
-            fid = fid_of_stream(batches(), self.ctx.fid.reference, self.ctx.fid.features, num,
-                                desc=f"FID {cell.method} {cell.trajectory} K={cell.K}")
-        except NonFiniteOutputError as e:
-            self._failed([cell], "fid", e)
-            return
+        self._test(module)
         seconds = time.perf_counter() - t0
-        if first and f.save_grid:
-            save_image_grid(first[0], cell_dir / "samples.png")
+        res = module.result
+        if res.bad_t:
+            self._failed([cell], "fid", NonFiniteOutputError("sample", res.bad_t))
+            return
+        if self.num_shards > 1:
+            if self.is_writer:
+                meta = {"fid_id": self.fid_id(cell.method), "shard": self.shard, "num_shards": self.num_shards,
+                        "reference_path": self.ctx.fid.reference_path,
+                        "cell": dict(zip(("dataset", "schedule", "N", "method", "trajectory", "K"), self._key(cell)))}
+                res.sums.metadata.update(meta)
+                res.sums.save(self._shard_file(cell, "fid"))
+            self._record(cell, "fid", None, f"FID: shard {self.shard} of {self.num_shards} written (merge the jobs' "
+                         "directories for the value)", fid_id=self.fid_id(cell.method))
+            return
         row = self._base_row(cell)
-        row.update(fid=fid, num_fid_samples=num, seconds=seconds, fid_id=self.fid_id(cell.method), note="")
+        row.update(fid=res.fid, num_fid_samples=res.count, seconds=seconds, fid_id=self.fid_id(cell.method), note="")
         self._save(row)
 
 

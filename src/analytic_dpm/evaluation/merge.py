@@ -15,6 +15,10 @@ row order in the file). So the NLL of one job and the FID of another end up in o
 column (``num_nll_images`` / ``num_fid_samples``) comes with it; the other columns come from the most recent row
 that has them; ``seconds`` is the sum over the rows the merged row took a metric from (or over all rows if it
 took none); distinct non-empty notes are joined with "; ".
+
+Cells split across shard jobs (``eval.shard=i eval.num_shards=n``) get their values here: the jobs' partial sums
+(``shards/`` of each run directory) are added and turned into the value one job would have produced
+(:mod:`.shards`). Rows of different models, Gamma or settings are refused unless ``--allow-mixed``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .results import (
     sort_rows,
     write_results,
 )
+from .shards import complete_values, find_shards
 
 _COMPANION = {"nll_bpd": "num_nll_images", "fid": "num_fid_samples"}
 
@@ -123,7 +128,7 @@ def check_same_run(sources: Sequence[tuple[Any, Sequence[dict[str, Any]]]], name
     seen: dict[tuple, str] = {}
     for name, (_, rows) in zip(names, sources):
         for row in rows:
-            if row.get("nll_bpd") is None and row.get("fid") is None:
+            if all(row.get(c) in (None, "") for c in ("nll_bpd", "fid", "nll_id", "fid_id")):
                 continue
             ident = tuple(row.get(c) for c in RUN_IDENTITY)
             seen.setdefault(ident, name)
@@ -133,6 +138,29 @@ def check_same_run(sources: Sequence[tuple[Any, Sequence[dict[str, Any]]]], name
         raise ValueError("these results come from different models, Gamma or settings and cannot form one grid:\n  "
                          + "\n  ".join(lines) + "\nmerge them separately, or pass --allow-mixed to keep the newest "
                          "value of each cell")
+
+
+def fill_from_shards(rows: list[dict[str, Any]], shard_files: Sequence[Path], exclude=None) -> list[dict[str, Any]]:
+    """Put the values of cells computed in shards (``eval.num_shards > 1``, :mod:`.shards`) into their rows: a
+    row's metric is filled when all its shards are present and were computed for the row's metric id."""
+    if exclude is not None:
+        ex = Path(exclude).resolve()
+        shard_files = [p for p in shard_files if ex not in p.resolve().parents]
+    values = complete_values(shard_files)
+    for row in rows:
+        key = cell_key(row)
+        for metric, companion, id_col, name in (("nll_bpd", "num_nll_images", "nll_id", "NLL"),
+                                                ("fid", "num_fid_samples", "fid_id", "FID")):
+            got = values.get((key, metric))
+            if got is None or row[metric] is not None or got[id_col] != row[id_col]:
+                continue
+            notes = [n for n in (row["note"] or "").split("; ") if n and not n.startswith(f"{name}:")]
+            if metric in got:
+                row[metric], row[companion] = got[metric], got[companion]
+            else:
+                notes.append(got["note"])
+            row["note"] = "; ".join(notes)
+    return rows
 
 
 def merge_runs(
@@ -157,7 +185,8 @@ def merge_runs(
             names.append(str(f.parent))
     if not allow_mixed:
         check_same_run(sources, names)
-    merged = merge_rows(sources)
+    merged = fill_from_shards(merge_rows(sources), find_shards([p for p in paths]),
+                              exclude=out_dir)
     if out_dir is not None:
         write_results(merged, out_dir)
         from .report import write_report

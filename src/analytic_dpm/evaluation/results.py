@@ -464,12 +464,13 @@ class ResultStore:
     def flush(self) -> None:
         write_results(self._rows.values(), self.run_dir)
 
-    def cell_dir(self, key: Mapping[str, Any] | Sequence[Any]) -> Path:
-        """``run_dir/cells/<method>-<trajectory>-K<K>/`` (created) for a cell's extra artifacts."""
+    def cell_dir(self, key: Mapping[str, Any] | Sequence[Any], create: bool = True) -> Path:
+        """``run_dir/cells/<method>-<trajectory>-K<K>/`` (created unless ``create=False``) for a cell's artifacts."""
         k = _as_key(key)
         method, trajectory, K = k[3], k[4], k[5]
         path = self.run_dir / "cells" / f"{_safe(method)}-{_safe(trajectory)}-K{K}"
-        path.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     def __repr__(self) -> str:

@@ -46,6 +46,20 @@ class CellsFailed(RuntimeError):
     """Some cells could not be computed (e.g. the network returned NaN); they are recorded with the reason."""
 
 
+def sweep_group() -> str | None:
+    """The W&B group of a Hydra multirun: the sweep directory's name (every job and shard of it in one group)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return Path(str(hc.sweep.dir)).name
+    except Exception:  # noqa: BLE001 - not running under Hydra
+        pass
+    return None
+
+
 def _wandb_run(cfg: DictConfig, out_dir: Path):
     mode = str(cfg.wandb.mode)
     if mode == "disabled":
@@ -53,9 +67,9 @@ def _wandb_run(cfg: DictConfig, out_dir: Path):
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(mode=mode, project=cfg.wandb.project, name=cfg.wandb.name, group=cfg.wandb.group or None,
-                      dir=str(out_dir), job_type="evaluate", tags=list(cfg.tags or []),
-                      config=OmegaConf.to_container(cfg, resolve=True))
+    return wandb.init(mode=mode, project=cfg.wandb.project, name=cfg.wandb.name,
+                      group=cfg.wandb.group or sweep_group(), dir=str(out_dir), job_type="evaluate",
+                      tags=list(cfg.tags or []), config=OmegaConf.to_container(cfg, resolve=True))
 
 
 def _command_line_overrides() -> list[str]:
@@ -136,15 +150,23 @@ def evaluate(cfg: DictConfig) -> list[dict]:
                        for m, c in (("nll", "nll_bpd"), ("fid", "fid")) if isinstance(row.get(c), float)}
             run.log(metrics)
 
-    out_dir, runner = _resolve_out_dir(out_dir, lambda store: GridRunner(ctx, store, settings, on_row=on_row),
-                                       settings)
+    from .modules import build_eval_trainer
+
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") else None
+    trainer = build_eval_trainer(trainer_cfg, accelerator="gpu" if ctx.device.type == "cuda" else ctx.device.type)
+    writer = trainer.is_global_zero
+    out_dir, runner = _resolve_out_dir(
+        out_dir, lambda store: GridRunner(ctx, store, settings, on_row=on_row, trainer=trainer), settings)
     store = runner.store
-    if len(store):
+    if len(store) and writer:
         log.info("resuming: %d rows found in %s", len(store), out_dir)
-    _write_identities(out_dir, runner)
-    run = _wandb_run(cfg, out_dir)
+    if writer:
+        _write_identities(out_dir, runner)
+        run = _wandb_run(cfg, out_dir)
     try:
         runner.run(cells)
+        if not writer:
+            return []
         from .report import log_report_to_wandb, write_report
 
         rows = load_rows(out_dir)

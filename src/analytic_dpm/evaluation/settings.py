@@ -126,6 +126,14 @@ def _str(key: str, value: Any, *, allow_none: bool = True) -> str | None:
     return value
 
 
+def _compile_choice(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value in ("auto", "true", "false"):
+        return value
+    raise SettingsError(f"eval.compile must be auto, true or false, got {value!r}")
+
+
 def _unknown(section: str, given: Mapping, known: Sequence[str]) -> None:
     bad = sorted(set(given) - set(known))
     if bad:
@@ -186,6 +194,11 @@ class EvalSettings:
     gamma_cache: str | None = None  # pretrained models: Gamma calibrated once per (model, data, M, seed), kept here
     recalibrate: bool = False
     on_mismatch: str = "refuse"
+    precision: str = "fp32"  # the network's numeric precision (analytic_dpm.accel): fp32 | tf32 | bf16
+    compile: str = "auto"  # torch.compile the network: auto (CUDA only) | true | false
+    compile_mode: str | None = None  # e.g. reduce-overhead (CUDA graphs)
+    shard: int = 0  # this job's shard of every cell (eval.num_shards jobs split each cell; merge adds them)
+    num_shards: int = 1
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     nll: NllSettings = field(default_factory=NllSettings)
     fid: FidSettings = field(default_factory=FidSettings)
@@ -200,7 +213,7 @@ class EvalSettings:
             raise SettingsError(f"eval must be a mapping, got {c!r}")
         top = ["K", "trajectory", "method", "metrics", "seed", "device", "eta", "clip_x0", "gamma_policy",
                "quadratic_duplicates", "gamma_path", "gamma_cache", "recalibrate", "on_mismatch", "calibration", "nll",
-               "fid", "report"]
+               "fid", "report", "precision", "compile", "compile_mode", "shard", "num_shards"]
         _unknown("eval", c, top)
         cal = dict(c.get("calibration") or {})
         _unknown("eval.calibration", cal, [f.name for f in fields(CalibrationSettings)])
@@ -232,6 +245,11 @@ class EvalSettings:
             gamma_cache=_str("eval.gamma_cache", c.get("gamma_cache")),
             recalibrate=_bool("eval.recalibrate", c.get("recalibrate", False)),
             on_mismatch=_choice("eval.on_mismatch", c.get("on_mismatch", "refuse"), ON_MISMATCH),
+            precision=_choice("eval.precision", c.get("precision", "fp32"), PRECISIONS),
+            compile=_compile_choice(c.get("compile", "auto")),
+            compile_mode=_str("eval.compile_mode", c.get("compile_mode")),
+            shard=_int("eval.shard", c.get("shard", 0), minimum=0),
+            num_shards=_int("eval.num_shards", c.get("num_shards", 1), minimum=1),
             calibration=CalibrationSettings(
                 num_samples=_int("eval.calibration.num_samples", cal.get("num_samples", 100), minimum=1),
                 batch_size=_int("eval.calibration.batch_size", cal.get("batch_size", 1000), minimum=1),
@@ -266,6 +284,15 @@ class EvalSettings:
             ),
             report_variance_K=_ks("eval.report.variance_K", rep.get("variance_K"), allow_none=True) or (),
         )
+
+    def __post_init__(self):
+        if self.shard >= self.num_shards:
+            raise SettingsError(f"eval.shard={self.shard} must be below eval.num_shards={self.num_shards} "
+                                "(shards are numbered 0..num_shards-1)")
+        if self.num_shards > 1 and "fid" in self.metrics and not (self.fid.reference_cache or
+                                                                   self.fid.reference_stats):
+            raise SettingsError("eval.num_shards > 1 with FID needs the reference statistics on disk for the merge: "
+                                "set eval.fid.reference_cache=DIR (or eval.fid.reference_stats=FILE)")
 
     # ------------------------------------------------------------------ checks that need the model
     def check_against(self, N: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,8 +36,12 @@ class UserError(Exception):
 
 
 def pick_device(name: str | None) -> torch.device:
+    """``auto``: this process's GPU (``LOCAL_RANK`` under DDP / SLURM) when CUDA is there, else the CPU."""
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        return torch.device(f"cuda:{int(local) if local.isdigit() else 0}")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -67,11 +72,11 @@ def _warn_gamma(gamma: torch.Tensor, where: str) -> None:
         log.warning("%s: %s", where, message)
 
 
-def _run_identity(s: EvalSettings, *, model_id: str, model_step, gamma: torch.Tensor, gamma_M, dataset: str,
-                  precision: str) -> dict:
+def _run_identity(s: EvalSettings, *, model_id: str, model_step, gamma: torch.Tensor, gamma_M, dataset: str
+                  ) -> dict:
     return {
         "dataset": dataset, "model_id": model_id, "model_step": model_step, "gamma_hash": short(digest_tensor(gamma)),
-        "gamma_M": gamma_M, "seed": s.seed, "precision": precision, "gamma_policy": s.gamma_policy,
+        "gamma_M": gamma_M, "seed": s.seed, "precision": s.precision, "gamma_policy": s.gamma_policy,
         "quadratic_duplicates": s.quadratic_duplicates, "eta": s.eta, "clip_x0": s.clip_x0, "version": __version__,
     }
 
@@ -107,8 +112,7 @@ def _oracle_context(cfg, s: EvalSettings) -> EvalContext:
         return heldout_all if n is None else heldout_all[: min(int(n), n_test)]
 
     model_id = short(digest_json({"oracle": params, "schedule": digest_tensor(schedule.betas)}))
-    identity = _run_identity(s, model_id=model_id, model_step=None, gamma=gamma, gamma_M=gamma_M, dataset=name,
-                             precision="fp32")
+    identity = _run_identity(s, model_id=model_id, model_step=None, gamma=gamma, gamma_M=gamma_M, dataset=name)
     # oracles: unbounded continuous data -> continuous decoder with the method's own variance, no clamp
     return EvalContext(
         eps_model=oracle, schedule=schedule, gamma=gamma, gamma_M=gamma_M, dataset=name, data_range=None,
@@ -124,7 +128,7 @@ def _datamodule(cfg, where: str, data_cfg=None):
 
     from_file = data_cfg is not None
     if not from_file:
-        data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+        data_cfg = OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
     try:
         dm = build_datamodule(data_cfg, where=where if from_file else "data")
     except UnsafeConfigError as e:
@@ -154,7 +158,7 @@ def _network_context(s: EvalSettings, device, *, eps_model, schedule, gamma, gam
     else:  # continuous, unbounded data (synthetic): continuous decoder with the method's own variance
         nll_options = dict(decoder="continuous", decoder_variance="method", clip_x0=False, data_range=None)
     identity = _run_identity(s, model_id=model_id, model_step=model_step, gamma=gamma, gamma_M=gamma_M,
-                             dataset=name, precision="fp32")
+                             dataset=name)
     ctx = EvalContext(
         eps_model=eps_model, schedule=schedule, gamma=gamma, gamma_M=gamma_M, dataset=name,
         data_range=tuple(datamodule.data_range) if images else None, heldout=heldout, num_heldout=n_test,
@@ -265,7 +269,11 @@ def _pretrained_context(cfg, s: EvalSettings, device: torch.device) -> EvalConte
 
 
 def _fid_context(s: EvalSettings, datamodule, device) -> FidContext | None:
-    from ..fid import InceptionFeatures, reference_stats
+    """torchmetrics' FID (:class:`~analytic_dpm.fid.InceptionFID`) with the reference statistics loaded: the
+    user's pytorch-fid ``.npz`` (``eval.fid.reference_stats``) or the training split's, computed once and cached."""
+    from ..fid import InceptionFID
+    from ..pretrained import file_sha256
+    from .shards import pytorch_fid_stats
 
     f = s.fid
     weights = f.weights_path
@@ -279,23 +287,37 @@ def _fid_context(s: EvalSettings, datamodule, device) -> FidContext | None:
             "(online), or drop FID with eval.metrics=[nll]."
         )
     try:
-        features = InceptionFeatures(weights, device=device, batch_size=f.feature_batch_size)
+        metric = InceptionFID(weights, batch_size=f.feature_batch_size).to(device)
     except OSError as e:  # torch-fidelity's download (weights_path=null) fails offline
         raise UserError(
             f"could not get the FID Inception weights ({type(e).__name__}: {e}); offline, build them with "
             "`make fid-weights` and pass eval.fid.weights_path=FILE, or drop FID with eval.metrics=[nll]"
         ) from None
-    ref_images = datamodule.train_pool(None if f.reference_images is None else f.reference_images)
-    cache_dir = Path(f.reference_cache).expanduser() if f.reference_cache else None
+    if f.reference_stats:
+        path = Path(f.reference_stats).expanduser()
+        if not path.is_file():
+            raise UserError(f"eval.fid.reference_stats: no such file {path}")
+        try:
+            ref = pytorch_fid_stats(path)
+        except (ValueError, OSError) as e:
+            raise UserError(f"eval.fid.reference_stats: {e}") from None
+        metric.load_reference(ref)
+        identity = {"weights": metric.weights_id, "reference": {"file": file_sha256(path)}}
+        return FidContext(metric=metric, reference_path=str(path.resolve()), identity=identity)
+    # a subset is drawn with a fixed generator: the same images in every process, run and seed (cache key)
+    ref_images = datamodule.train_pool(f.reference_images, generator=torch.Generator().manual_seed(0)) \
+        if f.reference_images is not None else datamodule.train_pool(None)
     cache = None
-    if cache_dir is not None:
+    if f.reference_cache:
+        cache_dir = Path(f.reference_cache).expanduser()
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache = cache_dir / f"{getattr(datamodule, 'name', 'data')}_train_{len(ref_images)}.npz"
-    ref = reference_stats(ref_images, weights, cache_path=cache, device=device, batch_size=f.feature_batch_size,
-                          features=features)
-    identity = {"weights": features.weights_id, "reference": {k: ref.metadata.get(k) for k in
-                                                              ("fingerprint", "num_images", "weights")}}
-    return FidContext(features=features, reference=ref, identity=identity)
+    ref = metric.reference(ref_images, cache_path=cache)
+    if cache is not None:  # every DDP rank must hold the same bytes: the ones others load from the cache
+        metric.load_reference(cache)
+    identity = {"weights": metric.weights_id, "reference": {k: ref.metadata.get(k) for k in
+                                                            ("fingerprint", "num_images", "weights")}}
+    return FidContext(metric=metric, reference_path=str(cache.resolve()) if cache else None, identity=identity)
 
 
 def build_context(cfg, settings: EvalSettings | None = None) -> EvalContext:

@@ -13,6 +13,7 @@ Typical use::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -40,6 +41,7 @@ TORCH_FIDELITY_DEFAULT_WEIGHTS = "torch-fidelity:weights-inception-2015-12-05-67
 
 __all__ = [
     "FeatureStats",
+    "check_tensor_only_file",
     "InceptionFeatures",
     "data_fingerprint",
     "fid_from_stats",
@@ -98,16 +100,46 @@ def _require_weights_file(weights_path: str | os.PathLike) -> None:
         )
 
 
+@functools.lru_cache(maxsize=16)
+def _tensor_only_cached(path: str, size: int, mtime_ns: int) -> None:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - reported with what to do
+        raise ValueError(
+            f"{path} is not a plain tensor state dict (torch.load(weights_only=True) refused it: {e}). Rebuild the "
+            "weights with `make fid-weights`; never point fid.weights_path at a file you do not trust."
+        ) from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        raise ValueError(f"{path} is not a state dict of tensors; rebuild it with `make fid-weights`")
+
+
+def check_tensor_only_file(weights_path: str | os.PathLike) -> None:
+    """Refuse a weights file that ``torch.load(weights_only=True)`` cannot read as ``{str: Tensor}``.
+
+    torch-fidelity opens ``feature_extractor_weights_path`` with ``weights_only=False`` (full pickle), so the
+    file is vetted here first (memoised on path, size and mtime; ``mmap`` keeps it cheap).
+    """
+    path = os.path.realpath(weights_path)
+    st = os.stat(path)
+    _tensor_only_cached(path, st.st_size, st.st_mtime_ns)
+
+
 class InceptionFeatures:
     """torch-fidelity's ``FeatureExtractorInceptionV3`` (``inception-v3-compat``), 2048-d pool features.
 
     ``weights_path=None`` uses torch-fidelity's standard download (needs internet); a given path must
-    exist (``FileNotFoundError`` otherwise) and is checked against the recorded hash of the converted
-    weights (a warning if it differs). Call it on images ``[B, 1|3, H, W]``, uint8 or float in
-    ``[-1, 1]`` (see :func:`to_uint8_rgb`), any ``H, W`` (torch-fidelity resizes to 299x299 with
-    TF1-compatible bilinear interpolation); returns float32 ``[B, 2048]`` on ``device``, computed in
-    chunks of ``batch_size``. On CUDA, TF32 convolutions are turned off during the forward pass
-    (``allow_tf32=False``) so features are full fp32 like the TensorFlow reference.
+    exist (``FileNotFoundError`` otherwise), must hold only tensors (it is opened with
+    ``torch.load(weights_only=True)`` before torch-fidelity, which loads it with ``weights_only=False``, sees
+    it) and is checked against the recorded hash of the converted weights (a warning if it differs). Call it
+    on images ``[B, 1|3, H, W]``, uint8 or float in ``[-1, 1]`` (see :func:`to_uint8_rgb`), any ``H, W``
+    (torch-fidelity resizes to 299x299 with TF1-compatible bilinear interpolation); returns float32
+    ``[B, 2048]`` on the network's device, computed in chunks of ``batch_size``. On CUDA, TF32 convolutions are
+    turned off during the forward pass (``allow_tf32=False``) so features are full fp32 like the TensorFlow
+    reference.
+
+    ``model``: an already built network to use instead of building one (the torchmetrics metric passes its
+    own ``NoTrainInceptionV3``, which returns the features as a tensor rather than a 1-tuple); it is
+    neither moved nor reloaded, and ``device`` follows it.
     """
 
     def __init__(
@@ -118,27 +150,35 @@ class InceptionFeatures:
         *,
         allow_tf32: bool = False,
         check_hash: bool = True,
+        model: torch.nn.Module | None = None,
     ):
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if weights_path is not None:
             weights_path = os.fspath(weights_path)
             _require_weights_file(weights_path)
+            if model is None:
+                check_tensor_only_file(weights_path)
             if check_hash:
                 check_weights_file(weights_path)
         self.weights_path = weights_path
         self.weights_id = weights_identity(weights_path)
-        self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.allow_tf32 = allow_tf32
-        self.model = FeatureExtractorInceptionV3(
-            FEATURE_EXTRACTOR_NAME, [FEATURE_LAYER], feature_extractor_weights_path=weights_path
-        ).to(self.device)
+        if model is None:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+            model = FeatureExtractorInceptionV3(
+                FEATURE_EXTRACTOR_NAME, [FEATURE_LAYER], feature_extractor_weights_path=weights_path
+            ).to(device)
+        self.model = model
         self.model.eval().requires_grad_(False)
         #: Images passed through the network so far (lets callers/tests see whether it ran).
         self.num_images = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @property
     def name(self) -> str:
@@ -147,17 +187,20 @@ class InceptionFeatures:
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         x = to_uint8_rgb(images)
+        device = self.device
         if x.shape[0] == 0:
-            return torch.empty(0, FEATURE_DIM, device=self.device)
+            return torch.empty(0, FEATURE_DIM, device=device)
         tf32_before = torch.backends.cudnn.allow_tf32
-        if self.device.type == "cuda" and not self.allow_tf32:
+        if device.type == "cuda" and not self.allow_tf32:
             torch.backends.cudnn.allow_tf32 = False
         try:
             out = []
             for start in range(0, x.shape[0], self.batch_size):
-                chunk = x[start : start + self.batch_size].to(self.device, non_blocking=True)
-                (feats,) = self.model(chunk)
-                out.append(feats)
+                chunk = x[start : start + self.batch_size].to(device, non_blocking=True)
+                feats = self.model(chunk)
+                if isinstance(feats, (tuple, list)):  # torch-fidelity: a tuple of the requested layers
+                    (feats,) = feats
+                out.append(feats.to(torch.float32))
                 self.num_images += chunk.shape[0]
         finally:
             torch.backends.cudnn.allow_tf32 = tf32_before
