@@ -33,3 +33,113 @@ def test_sampler_nll_gamma_on_gpu():
     bpd = nll_bpd(oracle, sched, traj, oracle.sample_data(256).cuda(), ["analytic_ddpm"], gamma=oracle.gamma(),
                   decoder="continuous", decoder_variance="method", clip_x0=False, data_range=None)
     assert abs(bpd["analytic_ddpm"].mean().item() - 1.0471) < 0.05
+
+
+# ------------------------------------------------------------------------------------------- issue 9: speed options
+class _BF16RoundedOracle(torch.nn.Module):
+    """The exact Gaussian predictor with its input and output passed through identity 1x1 convolutions: under bf16
+    autocast both are rounded to bfloat16, as a network's first and last layers would be."""
+
+    def __init__(self, oracle, channels):
+        super().__init__()
+        self.oracle = oracle
+        self.conv_in = torch.nn.Conv2d(channels, channels, 1, bias=False)
+        self.conv_out = torch.nn.Conv2d(channels, channels, 1, bias=False)
+        with torch.no_grad():
+            for conv in (self.conv_in, self.conv_out):
+                conv.weight.copy_(torch.eye(channels)[:, :, None, None])
+
+    def forward(self, x, t):
+        return self.conv_out(self.oracle(self.conv_in(x), t))
+
+
+def _random_tiny_unet():
+    from analytic_dpm.nets import UNet
+
+    torch.manual_seed(0)
+    net = UNet(in_channels=3, image_size=16, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(8,), dropout=0.0)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.02)
+    return net.eval().cuda()
+
+
+def test_bf16_and_fp32_sampling_of_the_same_seeds_agree():
+    """Stated tolerance: RMS difference < 0.005 per pixel (images in [-1, 1]; one 8-bit level is 2/255 = 0.0078),
+    max < 0.05 for the exact predictor and < 0.25 for the random UNet. Measured with a CPU's bf16: exact predictor
+    RMS <= 0.0025, max <= 0.02 (K = 10 and 100, all three methods); random tiny UNet (DDPM-type methods) RMS 0.0023,
+    max 0.064 (an untrained network is not smooth: a few pixels move further). DDIM is left out for the random UNet:
+    its deterministic sampler amplifies any perturbation through an untrained network's large Jacobian."""
+    from analytic_dpm.accel import prepare_eps_model
+
+    sched = NoiseSchedule.linear(1000)
+    oracle = GaussianOracle(sched, 0.0, 0.5, (3, 16, 16))
+    cases = [(_BF16RoundedOracle(oracle, 3).cuda(), m, K) for m in ("ddim", "ddpm_beta_tilde", "analytic_ddpm")
+             for K in (10, 100)]
+    cases += [(_random_tiny_unet(), m, 10) for m in ("ddpm_beta_tilde", "analytic_ddpm")]
+    for net, method, K in cases:
+        out = {}
+        for precision in ("fp32", "bf16"):
+            model = prepare_eps_model(net, precision=precision, compile=False)
+            gen = torch.Generator(device="cuda").manual_seed(1)
+            out[precision] = sample(model, sched, make_trajectory("even", 1000, K), method, (64, 3, 16, 16),
+                                    gamma=oracle.gamma(), generator=gen, device="cuda")
+        diff = (out["fp32"] - out["bf16"]).abs()
+        assert diff.max() > 0, "bf16 did not change anything: autocast is not reaching the network"
+        max_tol = 0.05 if isinstance(net, _BF16RoundedOracle) else 0.25
+        rms = float(diff.pow(2).mean().sqrt())
+        assert rms < 0.005 and diff.max() < max_tol, (type(net).__name__, method, K, rms, float(diff.max()))
+
+
+def test_compiled_network_on_cuda_matches_eager_without_recompiling():
+    from analytic_dpm.accel import prepare_eps_model
+
+    net = _random_tiny_unet()
+    x = torch.randn(32, 3, 16, 16, device="cuda")
+    t = torch.randint(1, 1001, (32,), device="cuda")
+    with torch.no_grad():
+        for precision, tol in (("fp32", 1e-4), ("bf16", 2e-2)):
+            eager = prepare_eps_model(net, precision=precision, compile=False)(x, t)
+            for mode in (None, "reduce-overhead"):
+                torch._dynamo.reset()
+                model = prepare_eps_model(net, precision=precision, compile=True, mode=mode)
+                outs = [model(x, t), model(x[:7], t[:7]), model(x, t), model(x[:7], t[:7])]
+                assert model.compiled, model.fallback_reason
+                assert len(model.compile_events) == 1 and model.static_batch == 32  # no recompile for the 7
+                torch.testing.assert_close(outs[2], eager, atol=tol, rtol=tol)
+                torch.testing.assert_close(outs[3], eager[:7], atol=tol, rtol=tol)
+                torch.testing.assert_close(outs[0], outs[2])  # CUDA graphs: earlier outputs are not overwritten
+
+
+def test_training_step_does_not_synchronise():
+    """training_step + backward + AdamW + EMA with torch.cuda.set_sync_debug_mode('error'), off logging steps."""
+    from types import SimpleNamespace
+
+    from analytic_dpm.training import DiffusionModule
+
+    net_cfg = {"_target_": "analytic_dpm.nets.UNet", "in_channels": 3, "image_size": 16, "base_channels": 32,
+               "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8], "dropout": 0.1}
+    module = DiffusionModule(net_cfg, N=1000, lr=1e-4).cuda()
+    module._trainer = SimpleNamespace(log_every_n_steps=100, world_size=1, global_rank=0,
+                                      _logger_connector=SimpleNamespace(should_update_logs=False))
+    opt = torch.optim.AdamW(module.eps_model.parameters(), lr=1e-4)
+    batch = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8).cuda()
+    def no_sync(fn, *args):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # raises on any synchronising call inside the module's own code
+        try:
+            return fn(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    for i in range(3):  # the first step creates the loss window, the later ones add to it
+        loss = no_sync(module.training_step, batch, i)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.eps_model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        no_sync(module.update_ema)
+        no_sync(module.on_train_batch_end, loss, batch, i)
+    mean, count = module._read_window()
+    assert count == 3 and 0 < mean < 10

@@ -12,7 +12,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from analytic_dpm.evaluation import load_rows
 from analytic_dpm.evaluation.run import evaluate
 from analytic_dpm.evaluation.setup import UserError
 from analytic_dpm.training import calibrate as calibrate_cli

@@ -5,7 +5,8 @@ schedule -> gamma -> variance / trajectory -> sampler / likelihood, each a pure 
 noise-prediction model ``eps_model(x_t, t)`` (integer t in 1..N) as an argument.
 """
 
-from . import oracles
+from . import accel, oracles
+from .accel import prepare_eps_model
 from .gamma import estimate_gamma
 from .likelihood import nll_bpd
 from .methods import METHODS
@@ -22,6 +23,8 @@ __all__ = [
     "make_trajectory",
     "nll_bpd",
     "oracles",
+    "accel",
+    "prepare_eps_model",
     "reverse_variance",
     "sample",
     "variance_bounds",

@@ -130,7 +130,9 @@ class _EvalModule(LightningModule):
 
     def test_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-        return _loader(blocks_of_process(self.blocks, rank, world, self.shard, self.num_shards))
+        mine = blocks_of_process(self.blocks, rank, world, self.shard, self.num_shards)
+        # a process with no block still runs one empty step, so that it reaches the epoch-end synchronisation
+        return _loader(mine or [None])
 
 
 class NllGroupModule(_EvalModule):
@@ -150,6 +152,8 @@ class NllGroupModule(_EvalModule):
         self.result: dict[str, Tensor] | None = None
 
     def test_step(self, batch, batch_idx):
+        if batch is None:
+            return
         block, x0 = batch
         if int(self.sums.bad_t) <= self.schedule.N:
             return  # already failed on this rank: the cell is lost, save the time
@@ -198,6 +202,8 @@ class FidCellModule(_EvalModule):
         self.failure.reset()
 
     def test_step(self, batch, batch_idx):
+        if batch is None:
+            return
         block, n = batch
         if int(self.failure.bad_t) > 0:
             return

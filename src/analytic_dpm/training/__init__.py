@@ -12,10 +12,18 @@ Public API:
 - :func:`train`: the run behind ``train.py`` (a composed Hydra config in, a summary dict out).
 """
 
-from .calibration import GammaCalibration, calibrate_gamma, plot_gamma, plot_variance_bounds, quick_nll
+from .calibration import (
+    GammaCalibration,
+    GammaCalibrationError,
+    calibrate_gamma,
+    check_calibrated_gamma,
+    plot_gamma,
+    plot_variance_bounds,
+    quick_nll,
+)
 from .checkpoint import LoadedCheckpoint, build_datamodule, calibrate_checkpoint, load_checkpoint, read_checkpoint
 from .data import ReproducibleDataModule, StreamBatchSampler, mix_seed
-from .module import CHECKPOINT_KEY, DiffusionModule, build_model
+from .module import CHECKPOINT_KEY, DiffusionModule, TrainingDivergedError, build_model
 from .run import USER_ERRORS, ConfigError, run_cli, train
 
 __all__ = [
@@ -24,13 +32,16 @@ __all__ = [
     "ConfigError",
     "DiffusionModule",
     "GammaCalibration",
+    "GammaCalibrationError",
     "LoadedCheckpoint",
     "ReproducibleDataModule",
     "StreamBatchSampler",
+    "TrainingDivergedError",
     "build_datamodule",
     "build_model",
     "calibrate_checkpoint",
     "calibrate_gamma",
+    "check_calibrated_gamma",
     "load_checkpoint",
     "mix_seed",
     "plot_gamma",

@@ -7,6 +7,11 @@ stored in the module (hence in every later checkpoint, ``checkpoint["analytic_dp
 ``<output_dir>/gamma_epochXXX.{json,png}`` and logged: ``calib/seconds``, a quick NLL
 ``calib/nll_K{K}/{method}`` on a few held-out images, the Gamma curve (W&B line plot + image) and
 analytic_ddpm's sigma^2 against the Theorem-2 bounds (image ``variance_epochXXX.png``).
+
+Sanity: a Gamma that is not finite (a diverged network) is refused with :class:`GammaCalibrationError`, naming
+the epoch and step, and never stored; a Gamma above 1 on most timesteps is stored with a warning naming the likely
+cause (:func:`check_calibrated_gamma`). Before calibrating, the callback asks the module whether training diverged
+(``check_divergence``), so that error, with its advice, comes first.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from lightning import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
 from ..data import to_model_space
-from ..gamma import estimate_gamma
+from ..gamma import estimate_gamma, gamma_warnings
 from ..likelihood import nll_bpd
 from ..schedule import NoiseSchedule
 from ..trajectory import make_trajectory
+from ..validation import NonFiniteOutputError
 from ..variance import reverse_variance, variance_bounds
 from .data import mix_seed
 
@@ -35,13 +41,40 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "GammaCalibration",
+    "GammaCalibrationError",
     "calibrate_gamma",
+    "check_calibrated_gamma",
     "plot_gamma",
     "plot_variance_bounds",
     "quick_nll",
 ]
 
 NLL_METHODS = ("ddpm_beta", "ddpm_beta_tilde", "analytic_ddpm")
+_ADVICE = ("the network has probably diverged (or its checkpoint is broken); Gamma was not stored. Try a lower "
+           "learning rate, gradient clipping or fp32 instead of bf16, and resume from an earlier checkpoint")
+
+
+class GammaCalibrationError(ValueError):
+    """Gamma cannot be calibrated from this network (non-finite outputs or Gamma); the message says where.
+
+    A ValueError, so the calibrate CLI reports it as one line with exit code 2."""
+
+
+def check_calibrated_gamma(gamma: Tensor, where: str = "Gamma calibration") -> None:
+    """Refuse a non-finite Gamma (:class:`GammaCalibrationError`); log a warning when Gamma > 1 on most timesteps.
+
+    ``where`` names the calibration in the messages (e.g. ``"Gamma calibration at epoch 3, step 1200"``).
+    """
+    g = torch.as_tensor(gamma, dtype=torch.float64)[1:]
+    bad = ~torch.isfinite(g)
+    if bool(bad.any()):
+        n = (torch.nonzero(bad).flatten() + 1).tolist()
+        raise GammaCalibrationError(
+            f"{where}: Gamma is not finite (NaN or inf) at {len(n)} of {g.numel()} timesteps (first n={n[0]}): "
+            f"{_ADVICE}."
+        )
+    for msg in gamma_warnings(gamma):
+        log.warning("%s: %s", where, msg)
 
 
 @contextlib.contextmanager
@@ -66,23 +99,33 @@ def calibrate_gamma(
     pool_size: int | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     progress: bool = True,
+    where: str = "Gamma calibration",
+    check: bool = True,
 ) -> tuple[Tensor, float]:
     """(gamma float64 [N+1] on CPU, wall seconds): estimate_gamma on the datamodule's training data.
 
     The pool is ``datamodule.train_pool(pool_size, generator)`` (the whole training set when ``pool_size``
     is None); points are drawn from it uniformly with replacement by :func:`estimate_gamma`.
+    Non-finite network outputs raise :class:`GammaCalibrationError` naming ``where``; with ``check`` the result
+    goes through :func:`check_calibrated_gamma` (refused when not finite, a warning when mostly > 1).
     """
     start = time.perf_counter()
     pool_gen = torch.Generator().manual_seed(int(generator.initial_seed()))
     pool = datamodule.train_pool(pool_size, generator=pool_gen) if pool_size else datamodule.train_pool(None)
-    with eval_mode(eps_model), torch.no_grad(), autocast():
-        gamma = estimate_gamma(
-            eps_model, schedule, pool, num_samples=int(num_samples), batch_size=int(batch_size),
-            generator=generator, progress=progress,
-        )  # fmt: skip
+    try:
+        with eval_mode(eps_model), torch.no_grad(), autocast():
+            gamma = estimate_gamma(
+                eps_model, schedule, pool, num_samples=int(num_samples), batch_size=int(batch_size),
+                generator=generator, progress=progress,
+            )  # fmt: skip
+    except NonFiniteOutputError as e:
+        raise GammaCalibrationError(f"{where}: {e} {_ADVICE}.") from e
     if gamma.is_cuda:
         torch.cuda.synchronize(gamma.device)
-    return gamma.detach().to("cpu", torch.float64), time.perf_counter() - start
+    gamma = gamma.detach().to("cpu", torch.float64)
+    if check:
+        check_calibrated_gamma(gamma, where)
+    return gamma, time.perf_counter() - start
 
 
 def quick_nll(
@@ -248,6 +291,9 @@ class GammaCalibration(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        check = getattr(pl_module, "check_divergence", None)
+        if callable(check):  # a diverged run stops here, with its own message, before any calibration
+            check()
         scalars: dict[str, float] = {}
         if self._epoch_start is not None:
             seconds = time.perf_counter() - self._epoch_start[0]
@@ -291,15 +337,23 @@ class GammaCalibration(Callback):
         autocast = trainer.precision_plugin.forward_context
         gamma = torch.zeros(schedule.N + 1, dtype=torch.float64)
         seconds = 0.0
+        where = f"Gamma calibration at epoch {epoch}, step {step}"
+        error: GammaCalibrationError | None = None
         if trainer.is_global_zero:
             gen = torch.Generator(device=device).manual_seed(seed)
-            gamma, seconds = calibrate_gamma(
-                ema, schedule, dm, self.num_samples, self.batch_size, generator=gen, pool_size=self.pool_size,
-                autocast=autocast, progress=self.progress,
-            )  # fmt: skip
+            try:
+                gamma, seconds = calibrate_gamma(
+                    ema, schedule, dm, self.num_samples, self.batch_size, generator=gen, pool_size=self.pool_size,
+                    autocast=autocast, progress=self.progress, where=where, check=False,
+                )  # fmt: skip
+            except GammaCalibrationError as e:  # every rank must learn of it (below), not only rank 0
+                error, gamma = e, torch.full_like(gamma, float("nan"))
         if trainer.world_size > 1:
             gamma = trainer.strategy.broadcast(gamma.to(device), src=0).cpu()
             seconds = float(trainer.strategy.broadcast(torch.tensor(seconds, device=device), src=0).item())
+        if error is not None:
+            raise error
+        check_calibrated_gamma(gamma, where)  # refused (not stored) when not finite; a warning when mostly > 1
         pl_module.set_gamma(gamma, M=self.num_samples, epoch=epoch, step=step, seconds=seconds, seed=seed)
         scalars = {"calib/seconds": seconds, "calib/gamma_max": float(gamma[1:].max()),
                    "calib/gamma_mean": float(gamma[1:].mean())}

@@ -258,7 +258,7 @@ def calibrate_checkpoint(
     gseed = mix_seed(int(seed), "gamma-calibration", "checkpoint")
     gen = torch.Generator(device=dev).manual_seed(gseed)
     gamma, seconds = calibrate_gamma(model, schedule, datamodule, num_samples, batch_size, generator=gen,
-                                     autocast=ctx, progress=progress)
+                                     autocast=ctx, progress=progress, where=f"Gamma calibration of {p}")
     state = dict(ckpt.get(CHECKPOINT_KEY) or {})
     state.update(
         gamma=gamma, gamma_M=int(num_samples), gamma_epoch=ckpt.get("epoch"), gamma_step=ckpt.get("global_step"),

@@ -10,12 +10,27 @@ EMA: ``ema_model`` is a frozen copy of ``eps_model`` updated after every optimiz
 (``optimizer_step``), so a checkpoint written at any hook after the step already holds the matching EMA.
 Both are in ``state_dict`` (keys ``eps_model.*`` and ``ema_model.*``); calibration, evaluation and
 :func:`~analytic_dpm.training.load_checkpoint` use the EMA weights.
+
+No per-step host synchronisation: the step's loss is accumulated on the device together with a divergence
+record (the first step whose loss is not finite or above ``max_loss``); both are read once per logging
+window (``trainer.log_every_n_steps``; every 100 steps when logging is off), at epoch ends and before any
+checkpoint is written. ``train/loss`` is the mean loss of the window, logged as a CPU number, so neither the
+progress bar nor the loggers touch the device between windows. A diverged run stops with
+:class:`TrainingDivergedError` (what happened, at which step, what to try) and never writes a checkpoint (or a
+Gamma) from the diverged network.
+
+Compilation (``compile``: True, False or ``"auto"`` = on when training on CUDA): the training network is
+wrapped by ``torch.compile`` (state-dict keys unchanged). The first step runs the compiled forward and
+backward once on its own batch, under a forked RNG, before the real step: if compilation fails the run warns
+and continues eagerly, bit-identical to a run with ``compile=false``; its wall time is ``compile_seconds``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,14 +42,25 @@ from torch import Tensor, nn
 from ..data import to_model_space
 from ..schedule import NoiseSchedule
 from .data import mix_seed
+from .resume import normalize_epoch_end_checkpoint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_KEY", "DiffusionModule", "build_model", "plain"]
+__all__ = ["CHECKPOINT_KEY", "DiffusionModule", "TrainingDivergedError", "build_model", "plain"]
 
 #: key of this project's entry in a Lightning checkpoint
 CHECKPOINT_KEY = "analytic_dpm"
 FORMAT_VERSION = 1
+#: steps between divergence checks when logging is off (trainer.log_every_n_steps=0)
+CHECK_EVERY_WITHOUT_LOGGING = 100
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became non-finite or exploded; the message says at which step and what to try."""
+
+
+class CompileFallbackWarning(RuntimeWarning):
+    """``torch.compile`` of the training network failed; the run continues eagerly (identical numbers)."""
 
 
 def plain(obj: Any) -> Any:
@@ -58,8 +84,9 @@ def plain(obj: Any) -> Any:
 
 
 def build_model(model_cfg: Mapping) -> nn.Module:
-    """Instantiate a network config (``_target_`` + kwargs, e.g. ``conf/model/*.yaml``) from this package."""
-    from hydra.utils import instantiate
+    """A network of this package from a config (``_target_`` + kwargs, e.g. ``conf/model/*.yaml``), through the
+    allow list of :mod:`analytic_dpm.registry` (the same rules as for a config read from a checkpoint)."""
+    from ..registry import build_network
 
     target = model_cfg.get("_target_") if isinstance(model_cfg, Mapping) else None
     if isinstance(model_cfg, Mapping) and "oracle" in model_cfg and target is None:
@@ -67,15 +94,17 @@ def build_model(model_cfg: Mapping) -> nn.Module:
             f"model={model_cfg.get('oracle')!r} is an exact (oracle) noise predictor for evaluation only: there is "
             "nothing to train; choose a network, e.g. model=unet_small"
         )
-    if not isinstance(target, str) or not target.startswith("analytic_dpm."):
-        raise ValueError(
-            f"the model config needs a `_target_` inside the analytic_dpm package (e.g. analytic_dpm.nets.UNet), "
-            f"got {target!r}"
-        )
-    net = instantiate(dict(model_cfg), _convert_="all")
-    if not isinstance(net, nn.Module):
-        raise ValueError(f"{target} did not build an nn.Module")
-    return net
+    return build_network(dict(model_cfg))
+
+
+def _parse_compile(value: Any) -> bool | str:
+    """``module.compile``: True / False / "auto" (on when training on CUDA), parsed as for evaluation."""
+    from ..accel import _parse_compile as parse
+
+    try:
+        return parse(value)
+    except ValueError as e:
+        raise ValueError(f"module.{e}") from None
 
 
 def _warmup_factor(warmup_steps: int):
@@ -94,8 +123,12 @@ class DiffusionModule(LightningModule):
         lr, weight_decay, betas, eps: AdamW. ``warmup_steps`` > 0 adds a linear warm-up of the learning rate.
         ema_decay: decay of the EMA of the weights. ``ema_warmup``: use ``min(ema_decay, (1 + n) / (10 + n))``
             at the n-th update (useful for short runs; off for the paper's 0.9999).
-        compile: ``torch.compile`` the training network (in place: state-dict keys are unchanged).
+        compile: ``torch.compile`` the training network (True, False, or ``"auto"``: on when training on CUDA);
+            state-dict keys are unchanged; a failure falls back to eager with a warning (module docstring).
+        compile_mode: ``torch.compile`` mode (None: torch's default).
         channels_last: keep the training network and its inputs in channels-last memory format.
+        max_loss: a step loss above this (or not finite) is divergence and stops the run (None: only a
+            non-finite loss). The epsilon-MSE of an untrained, zero-initialised network is 1.
         seed: the run's seed; the per-step randomness derives from it (module docstring).
         config: the full run config (plain containers), saved as the checkpoint's hyper-parameters; the
             ``model``, ``diffusion`` and ``module`` sections are (over)written from the arguments.
@@ -113,8 +146,10 @@ class DiffusionModule(LightningModule):
         warmup_steps: int = 0,
         ema_decay: float = 0.9999,
         ema_warmup: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
+        compile_mode: str | None = None,
         channels_last: bool = False,
+        max_loss: float | None = 1.0e4,
         seed: int = 0,
         config: Mapping | None = None,
     ):
@@ -129,7 +164,12 @@ class DiffusionModule(LightningModule):
         self.adam_betas, self.adam_eps = tuple(float(b) for b in betas), float(eps)
         self.warmup_steps = int(warmup_steps)
         self.ema_decay, self.ema_warmup = float(ema_decay), bool(ema_warmup)
-        self.compile_model, self.channels_last = bool(compile), bool(channels_last)
+        self.compile_model = _parse_compile(compile)
+        self.compile_mode = None if compile_mode in (None, "default") else str(compile_mode)
+        self.channels_last = bool(channels_last)
+        if max_loss is not None and not float(max_loss) > 0:
+            raise ValueError(f"max_loss must be positive or null, got {max_loss}")
+        self.max_loss = None if max_loss is None else float(max_loss)
         self.seed = int(seed)
 
         full = plain(config) if config is not None else {}
@@ -139,7 +179,8 @@ class DiffusionModule(LightningModule):
             **{k: v for k, v in (full.get("module") or {}).items() if k == "_target_"},
             "lr": self.lr, "weight_decay": self.weight_decay, "betas": list(self.adam_betas), "eps": self.adam_eps,
             "warmup_steps": self.warmup_steps, "ema_decay": self.ema_decay, "ema_warmup": self.ema_warmup,
-            "compile": self.compile_model, "channels_last": self.channels_last,
+            "compile": self.compile_model, "compile_mode": self.compile_mode, "channels_last": self.channels_last,
+            "max_loss": self.max_loss,
         }  # fmt: skip
         full.setdefault("seed", self.seed)
         self.save_hyperparameters(full)
@@ -159,11 +200,23 @@ class DiffusionModule(LightningModule):
         self.gamma: Tensor | None = None
         self.gamma_meta: dict[str, Any] = {}
         self._prepared = False
+        # torch.compile of eps_model, kept out of the module tree (state-dict keys stay eps_model.*)
+        object.__setattr__(self, "_compiled_forward", None)
+        self._compile_probe_pending = False
+        self.compile_seconds: float | None = None  # wall time of the first (compiling) step
+        # device-side window statistics: [loss sum, steps, first bad step (-1: none), loss at that step]
+        self._window: Tensor | None = None
 
     # ------------------------------------------------------------------ setup
     @property
     def N(self) -> int:
         return self.noise_schedule.N
+
+    def compile_enabled(self) -> bool:
+        """Whether this run compiles the training network (``"auto"``: when it trains on CUDA)."""
+        if self.compile_model == "auto":
+            return self.device.type == "cuda"
+        return bool(self.compile_model)
 
     def on_fit_start(self) -> None:
         if self._prepared:
@@ -172,8 +225,43 @@ class DiffusionModule(LightningModule):
         if self.channels_last:
             self.eps_model.to(memory_format=torch.channels_last)
             self.ema_model.to(memory_format=torch.channels_last)
-        if self.compile_model:
-            self.eps_model.compile()
+        if self.compile_enabled():
+            kwargs: dict[str, Any] = {"dynamic": False}
+            if self.compile_mode is not None:
+                kwargs["mode"] = self.compile_mode
+            try:
+                object.__setattr__(self, "_compiled_forward", torch.compile(self.eps_model, **kwargs))
+                self._compile_probe_pending = True
+            except Exception as e:  # noqa: BLE001 - e.g. a Python without Dynamo support
+                self._compile_failed(e)
+
+    def _compile_failed(self, e: BaseException) -> None:
+        object.__setattr__(self, "_compiled_forward", None)
+        text = str(e).strip().splitlines()
+        reason = f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+        warnings.warn(f"torch.compile of the training network failed ({reason}); training continues eagerly "
+                      "(same numbers, slower). Set module.compile=false to skip the attempt.",
+                      CompileFallbackWarning, stacklevel=2)
+
+    def _probe_compile(self, x0: Tensor) -> None:
+        """First step: run the compiled forward + backward once on this batch (RNG forked); fall back on failure."""
+        self._compile_probe_pending = False
+        fn = self._compiled_forward
+        if fn is None:
+            return
+        start = time.perf_counter()
+        try:
+            with torch.random.fork_rng(devices=[x0.device] if x0.is_cuda else []):
+                loss = self.diffusion_loss(x0, forward=fn)
+                params = [p for p in self.eps_model.parameters() if p.requires_grad]
+                torch.autograd.grad(loss, params, allow_unused=True)
+            if x0.is_cuda:
+                torch.cuda.synchronize(x0.device)
+        except Exception as e:  # noqa: BLE001 - any compile/runtime failure of the compiled graph
+            self._compile_failed(e)
+            return
+        self.compile_seconds = time.perf_counter() - start
+        log.info("torch.compile: the first training step (compilation) took %.1f s", self.compile_seconds)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(
@@ -190,8 +278,11 @@ class DiffusionModule(LightningModule):
         """The seed of the current training step (depends on seed, rank and the batch number only)."""
         return mix_seed(self.seed, "train-step", self.global_rank, self.batches_trained)
 
-    def diffusion_loss(self, x0: Tensor) -> Tensor:
-        """epsilon-MSE at t ~ U{1..N} with eps ~ N(0, I), drawn from the global RNG."""
+    def diffusion_loss(self, x0: Tensor, forward=None) -> Tensor:
+        """epsilon-MSE at t ~ U{1..N} with eps ~ N(0, I), drawn from the global RNG.
+
+        ``forward``: the network to call (default: the compiled one when compilation is on, else ``eps_model``).
+        """
         b = x0.shape[0]
         t = torch.randint(1, self.N + 1, (b,), device=x0.device)
         noise = torch.randn_like(x0)
@@ -199,19 +290,104 @@ class DiffusionModule(LightningModule):
         x_t = self.sqrt_abar[t].view(view) * x0 + self.sqrt_bbar[t].view(view) * noise
         if self.channels_last and x_t.ndim == 4:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        pred = self.eps_model(x_t, t)
+        if forward is None:
+            compiled = self._compiled_forward
+            forward = compiled if compiled is not None else self.eps_model  # (no truth test: it calls len())
+        pred = forward(x_t, t)
         return F.mse_loss(pred.float(), noise)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         if isinstance(batch, (list, tuple)):  # tolerate (x, label) batches
             batch = batch[0]
-        torch.manual_seed(self.step_seed())
+        torch.manual_seed(self.step_seed())  # host-side (CPU and CUDA generator seeds): no device sync
         x0 = to_model_space(batch)
+        if self._compile_probe_pending:
+            self._probe_compile(x0)
         loss = self.diffusion_loss(x0)
         self.batches_trained += 1
         self.images_trained += int(x0.shape[0])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
+        self._observe_loss(loss, self.batches_trained)
         return loss
+
+    # ------------------------------------------------------------------ loss window and divergence
+    def _observe_loss(self, loss: Tensor, step: int) -> None:
+        """Add the step's loss to the window and remember the first diverged step, on the device (no sync)."""
+        value = loss.detach().float()
+        w = self._window
+        if w is None:  # built by kernels, not copied from the host (a pageable copy would synchronise)
+            w = torch.zeros(4, device=value.device)
+            w[2] = -1.0
+        bad = ~torch.isfinite(value)
+        if self.max_loss is not None:
+            bad = bad | (value > self.max_loss)
+        first = bad & (w[2] < 0)
+        self._window = torch.stack([w[0] + value, w[1] + 1.0, torch.where(first, float(step), w[2]),
+                                    torch.where(first, value, w[3])])
+
+    def _read_window(self, reset: bool = True) -> tuple[float, int] | None:
+        """One host sync: (mean loss, steps) of the window, after raising if the run diverged."""
+        w = self._window
+        if w is None:
+            return None
+        total, count, bad_step, bad_loss = w.tolist()
+        if reset:
+            self._window = None
+        trainer = self._trainer
+        diverged = bad_step >= 0
+        if trainer is not None and getattr(trainer, "world_size", 1) > 1:
+            any_rank = bool(trainer.strategy.reduce_boolean_decision(diverged, all=False))
+            if any_rank and not diverged:
+                raise TrainingDivergedError(self._divergence_message(None, None))
+        if diverged:
+            raise TrainingDivergedError(self._divergence_message(int(bad_step), bad_loss))
+        return (total / count if count else float("nan")), int(count)
+
+    def _divergence_message(self, step: int | None, loss: float | None) -> str:
+        trainer = self._trainer
+        if step is None:
+            what = "the training loss diverged on another process (rank)"
+        else:
+            kind = "is not finite" if loss is None or loss != loss or abs(loss) == float("inf") else (
+                f"exceeds module.max_loss={self.max_loss:g}")
+            what = f"training diverged at step {step}: the loss was {loss:.4g}, which {kind}"
+        clip = getattr(trainer, "gradient_clip_val", None) if trainer is not None else None
+        precision = str(getattr(trainer, "precision", "")) if trainer is not None else ""
+        tips = [f"a lower learning rate (module.lr={self.lr:g})",
+                "gradient clipping (trainer.gradient_clip_val=1.0)" if not clip else
+                f"stronger gradient clipping (trainer.gradient_clip_val, now {clip:g})"]
+        if "16" in precision:
+            tips.append(f"fp32 instead of {precision} (trainer.precision=32-true)")
+        else:
+            tips.append("learning-rate warm-up (module.warmup_steps)")
+        return (f"{what}; no checkpoint or Gamma was written from this network. Try {', '.join(tips[:-1])} or "
+                f"{tips[-1]}, and resume from the last good checkpoint with ckpt_path=... or start over.")
+
+    def check_divergence(self) -> None:
+        """Raise :class:`TrainingDivergedError` if any step since the last check diverged (one host sync)."""
+        self._read_window(reset=False)
+
+    def _is_log_step(self) -> bool:
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        every = int(getattr(trainer, "log_every_n_steps", 0) or 0)
+        if every <= 0:
+            return self.batches_trained % CHECK_EVERY_WITHOUT_LOGGING == 0
+        flag = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", None)
+        return flag if isinstance(flag, bool) else self.batches_trained % every == 0
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._is_log_step():
+            return
+        window = self._read_window()
+        if window is not None and window[1] > 0:
+            mean, count = window
+            # a CPU tensor: the progress bar and loggers read it without touching the device
+            self.log("train/loss", torch.tensor(mean), prog_bar=True, on_step=True, on_epoch=False,
+                     batch_size=count)
+
+    def on_train_epoch_end(self) -> None:
+        self.check_divergence()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -248,6 +424,7 @@ class DiffusionModule(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_divergence()  # never write a checkpoint from a diverged network
         meta = self.gamma_meta
         checkpoint[CHECKPOINT_KEY] = {
             "format_version": FORMAT_VERSION,
@@ -286,6 +463,14 @@ class DiffusionModule(LightningModule):
             )  # fmt: skip
         else:
             self.gamma, self.gamma_meta = None, {}
+        stored_model = (checkpoint.get("hyper_parameters") or {}).get("model") or {}
+        if isinstance(stored_model, Mapping) and "emb_act" not in stored_model and any(
+                getattr(m, "emb_act", False) for m in self.eps_model.modules()):
+            raise ValueError(
+                "this checkpoint was trained by analytic_dpm 0.1.0, whose UNet had no SiLU on the time embedding "
+                "inside ResBlocks; resume it with model.emb_act=false (evaluation handles it by itself)"
+            )
+        normalize_epoch_end_checkpoint(checkpoint)  # resume at the next epoch's start (training/resume.py)
         sd = checkpoint.get("state_dict", {})
         if not any(k.startswith("ema_model.") for k in sd):  # e.g. a checkpoint without EMA: start EMA from it
             for k in [k for k in sd if k.startswith("eps_model.")]:

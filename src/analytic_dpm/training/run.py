@@ -14,9 +14,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import DatasetNotAvailableError
+from .calibration import GammaCalibrationError
 from .data import ReproducibleDataModule
 from .errors import ConfigError
-from .module import DiffusionModule, plain
+from .module import DiffusionModule, TrainingDivergedError, plain
 from .resume import finished_summary, resolve_resume
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (DatasetNotAvailableError, FileNotFoundError, ConfigError)
+USER_ERRORS: tuple[type[BaseException], ...] = (DatasetNotAvailableError, FileNotFoundError, ConfigError,
+                                                 TrainingDivergedError, GammaCalibrationError)
 
 
 def run_cli(cfg: DictConfig) -> float | None:
