@@ -29,7 +29,7 @@ from torch import Tensor
 from .methods import check_method, needs_gamma
 from .pretrained.base import PretrainedError
 from .pretrained.diffusers_format import DIFFUSERS_MISSING, betas_from_config, check_scheduler_config
-from .sampler import predict_x0
+from .sampler import predict_x0, reverse_mean
 from .schedule import NoiseSchedule
 from .trajectory import GAMMA_POLICIES, TRAJECTORY_KINDS, make_trajectory
 from .validation import check_gamma, validate_trajectory
@@ -207,7 +207,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
 
         ``model_output`` is epshat (its first C channels when the net also outputs a learned variance). Noise is
         drawn from ``generator`` for every step but the last (s = 0), exactly as ``analytic_dpm.sample`` draws it.
-        The body is the loop body of ``analytic_dpm.sampler.sample`` for the pair k (the tests check bit equality).
+        The same arithmetic as the loop body of ``analytic_dpm.sampler.sample`` (``reverse_mean``; tests check bit
+        equality).
         """
         if self._taus is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step()")
@@ -225,13 +226,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         if s == 0:
             x_prev = x0_hat  # both means are x0hat at s = 0 and no noise is added
         else:
-            if self.forward_process == "ddpm":
-                # mu = sqrt(abar_s) beta_{t|s} / bbar_t x0hat + sqrt(alpha_{t|s}) bbar_s / bbar_t x_t
-                alpha_ts = abar[t] / abar[s]
-                mu = (abar[s] ** 0.5 * beta_ts[k - 1] / bbar[t]) * x0_hat + (alpha_ts**0.5 * bbar[s] / bbar[t]) * x
-            else:
-                # mu = sqrt(abar_s) x0hat + sqrt(bbar_s - lambda^2) epshat   (raw epshat)
-                mu = abar[s] ** 0.5 * x0_hat + max(bbar[s] - self._lam2_ddim[k - 1], 0.0) ** 0.5 * eps_hat
+            mu = reverse_mean(self.forward_process, x, x0_hat, eps_hat, abar[s], abar[t], bbar[s], bbar[t],
+                              beta_ts[k - 1], self._lam2_ddim[k - 1])
             z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)
             x_prev = mu + self._sigma2[k - 1] ** 0.5 * z
         x_prev, x0_hat = x_prev.to(sample.dtype), x0_hat.to(sample.dtype)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["DATAMODULE_CLASSES", "NETWORK_CLASSES", "UnsafeConfigError", "build_datamodule", "build_network",
-           "check_plain"]
+           "check_plain", "missing_value_message"]
 
 #: accepted ``_target_`` -> "module:Class" (networks)
 NETWORK_CLASSES: dict[str, str] = {
@@ -108,3 +108,9 @@ def build_network(cfg: Mapping, where: str = "model", **overrides: Any):
 def build_datamodule(cfg: Mapping, where: str = "data", **overrides: Any):
     """A datamodule of this package from a config read from a file; ``overrides`` replace keys (e.g. a new root)."""
     return _build(DATAMODULE_CLASSES, cfg, "datamodule", where, overrides)
+
+
+def missing_value_message(err) -> str:
+    """``data.train_dir is required: pass data.train_dir=...`` for OmegaConf's MissingMandatoryValue (``???``)."""
+    key = getattr(err, "full_key", None) or str(err).split("\n")[0]
+    return f"{key} is required: pass {key}=... on the command line"

@@ -24,6 +24,17 @@ def predict_x0(x_t: Tensor, eps_hat: Tensor, abar_t, bbar_t, clip_range: DataRan
     return x0.clamp(*clip_range) if clip_range is not None else x0
 
 
+def reverse_mean(forward: str, x_t: Tensor, x0_hat: Tensor, eps_hat: Tensor, abar_s: float, abar_t: float,
+                 bbar_s: float, bbar_t: float, beta_ts: float, lam2_ddim: float) -> Tensor:
+    """The mean mu of p(x_s | x_t) for s >= 1 (spec section 3), for the DDPM or the DDIM forward process."""
+    if forward == "ddpm":
+        # mu = sqrt(abar_s) beta_{t|s} / bbar_t x0hat + sqrt(alpha_{t|s}) bbar_s / bbar_t x_t
+        alpha_ts = abar_t / abar_s
+        return (abar_s**0.5 * beta_ts / bbar_t) * x0_hat + (alpha_ts**0.5 * bbar_s / bbar_t) * x_t
+    # mu = sqrt(abar_s) x0hat + sqrt(bbar_s - lambda^2) epshat   (raw epshat)
+    return abar_s**0.5 * x0_hat + max(bbar_s - lam2_ddim, 0.0) ** 0.5 * eps_hat
+
+
 @torch.no_grad()
 def sample(
     eps_model,
@@ -84,13 +95,8 @@ def sample(
         if s == 0:
             x = x0_hat  # both means are x0hat at s = 0 and no noise is added
         else:
-            if forward == "ddpm":
-                # mu = sqrt(abar_s) beta_{t|s} / bbar_t x0hat + sqrt(alpha_{t|s}) bbar_s / bbar_t x_t
-                alpha_ts = abar[t] / abar[s]
-                mu = (abar[s] ** 0.5 * beta_ts[k - 1] / bbar[t]) * x0_hat + (alpha_ts**0.5 * bbar[s] / bbar[t]) * x
-            else:
-                # mu = sqrt(abar_s) x0hat + sqrt(bbar_s - lambda^2) epshat   (raw epshat)
-                mu = abar[s] ** 0.5 * x0_hat + max(bbar[s] - lam2_ddim[k - 1], 0.0) ** 0.5 * eps_hat
+            mu = reverse_mean(forward, x, x0_hat, eps_hat, abar[s], abar[t], bbar[s], bbar[t], beta_ts[k - 1],
+                              lam2_ddim[k - 1])
             z = torch.randn(x.shape, generator=generator, device=gen_device).to(device)
             x = mu + sigma2[k - 1] ** 0.5 * z
         if callback is not None:

@@ -1,6 +1,10 @@
-"""Storage and report layer of the evaluation grid (NLL / FID per method x trajectory x K).
+"""The evaluation grid (NLL / FID per method x trajectory x K): settings, sources, runner, storage, reports.
 
-* :mod:`.results`: :data:`COLUMNS`, :func:`cell_key`, :class:`ResultStore` (durable, resumable results.csv/json).
+* :mod:`.settings`: :class:`EvalSettings`, the ``eval`` config validated once before anything costly.
+* :mod:`.setup`: the source of the noise predictor (checkpoint, pretrained model, oracle) and its data.
+* :mod:`.grid` + :mod:`.modules`: the cells, run as LightningModules under a ``Trainer`` (one device, DDP, nodes).
+* :mod:`.shards`: one cell split across jobs, partial sums and their exact merge.
+* :mod:`.results`: :data:`COLUMNS`, :func:`cell_key`, :class:`ResultStore` (durable, locked, resumable results).
 * :mod:`.report`: :func:`write_report` (markdown tables, speed-up summary, plots), :func:`log_report_to_wandb`.
 * :mod:`.merge`: :func:`merge_runs` and the CLI ``python -m analytic_dpm.evaluation.merge MULTIRUN_DIR``.
 

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..files import atomic_write_text, file_lock
 from ..identity import digest_json, short
-from ..registry import UnsafeConfigError
+from ..registry import UnsafeConfigError, missing_value_message
 from .grid import GridRunner, plan_cells, variance_curves
 from .results import ResultStore, load_rows
 from .settings import EvalSettings, SettingsError
@@ -34,12 +34,6 @@ from .setup import UserError, build_context
 log = logging.getLogger(__name__)
 
 IDENTITIES_JSON = "identities.json"
-
-
-def missing_value_message(err) -> str:
-    """``data.train_dir is required: pass data.train_dir=...`` for OmegaConf's MissingMandatoryValue (``???``)."""
-    key = getattr(err, "full_key", None) or str(err).split("\n")[0]
-    return f"{key} is required: pass {key}=... on the command line"
 
 
 class CellsFailed(RuntimeError):

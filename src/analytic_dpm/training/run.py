@@ -195,7 +195,7 @@ def run_cli(cfg: DictConfig) -> float | None:
         print(f"\nerror: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except MissingMandatoryValue as e:
-        from ..evaluation.run import missing_value_message
+        from ..registry import missing_value_message
 
         print(f"\nerror: {missing_value_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
