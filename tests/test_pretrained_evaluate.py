@@ -72,6 +72,18 @@ def test_evaluate_pretrained_nll_fid_and_gamma_cache(tmp_path, image_folder, ran
     assert by["analytic_ddpm"]["nll_bpd"] != by["ddpm_beta"]["nll_bpd"]
     cached = list((tmp_path / "gamma_cache").glob("gamma-*.pt"))
     assert len(cached) == 1
+    # FID against statistics the user already has (pytorch-fid's npz: mu, sigma), here those of the same images
+    (ref_cache,) = (tmp_path / "fid_ref").glob("*.npz")
+    with np.load(ref_cache) as z:
+        np.savez(tmp_path / "fid_stats.npz", mu=z["mu"], sigma=z["sigma"])
+    with pytest.warns(Warning):
+        theirs = evaluate(cfg(tmp_path / "run_npz", image_folder, *fid,
+                              f"eval.fid.reference_stats={tmp_path}/fid_stats.npz"))
+    for r in theirs:
+        assert r["fid"] == pytest.approx(by[r["method"]]["fid"], rel=1e-6) and r["fid_id"] != by[r["method"]]["fid_id"]
+    np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
+    with pytest.raises(UserError, match="needs arrays 'mu' and 'sigma'"):
+        evaluate(cfg(tmp_path / "run_bad", image_folder, *fid, f"eval.fid.reference_stats={tmp_path}/bad.npz"))
     # Gamma is reused from the cache in a new run directory: no calibration this time
     import analytic_dpm.evaluation.setup as setup
 

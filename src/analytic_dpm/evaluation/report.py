@@ -159,27 +159,46 @@ def _one_table(rows: Sequence[Mapping[str, Any]], metric: str, bold_best: bool) 
     sep = "|---|" + "|".join("---:" for _ in ks) + "|"
     out = [header, sep]
     reasons: dict[str, list[str]] = {}
+    failures: dict[str, list[str]] = {}
+    missing: dict[str, list[str]] = {}
     for m in methods:
         cols = []
         for k in ks:
             row = cells.get((m, k))
             value = None if row is None else row[metric]
+            note = _metric_note(row, metric)
             text = _fmt(value)
             if is_undefined(value):
-                reason = row["note"] or "no reason recorded"
-                reasons.setdefault(reason, []).append(f"{m} K={k}")
+                reasons.setdefault(note or "no reason recorded", []).append(f"{m} K={k}")
+            elif value is None and note.startswith("failed"):
+                text = "failed"
+                failures.setdefault(note.removeprefix("failed:").strip(), []).append(f"{m} K={k}")
+            elif value is None and note:
+                missing.setdefault(note, []).append(f"{m} K={k}")
             elif bold_best and k in best and value == best[k]:
                 text = f"**{text}**"
             cols.append(text)
         out.append(f"| {m} | " + " | ".join(cols) + " |")
-    if reasons:
-        out.append("")
-        out.append("n/a = not defined:")
-        for reason, where in reasons.items():
-            out.append(f"- {reason} ({_compress(where)})")
-    out.append("")
-    out.append("`-` = not computed." + (" Bold: best of its column." if best else ""))
+    for title, notes in (("n/a = not defined:", reasons), ("failed (never a value):", failures),
+                         ("`-` = not computed:", missing)):
+        if notes:
+            out += ["", title] + [f"- {reason} ({_compress(where)})" for reason, where in notes.items()]
+    legend = ([] if missing else ["`-` = not computed."]) + (["Bold: best of its column."] if best else [])
+    if legend:
+        out += ["", " ".join(legend)]
     return out
+
+
+def _metric_note(row: Mapping[str, Any] | None, metric: str) -> str:
+    """The part of a row's note about ``metric`` (notes are ``"NLL: ...; FID: ..."``), without its prefix."""
+    if row is None or not row.get("note"):
+        return ""
+    prefix = "NLL:" if metric == "nll_bpd" else "FID:"
+    parts = [p.strip() for p in str(row["note"]).split("; ")]
+    mine = [p[len(prefix):].strip() for p in parts if p.startswith(prefix)]
+    if mine:
+        return "; ".join(mine)
+    return "" if any(p.startswith(("NLL:", "FID:")) for p in parts) else str(row["note"])
 
 
 def _compress(where: list[str]) -> str:
