@@ -267,6 +267,9 @@ def test_train_into_existing_directory(tmp_path):
     assert last.read_bytes() == stamp[1]
     # a longer run continues the same one
     assert train(train_cfg(run_dir, "trainer.max_steps=6"))["global_step"] == 6
+    # a last.ckpt damaged by a kill while writing (preemption): the newest readable checkpoint is resumed
+    last.write_bytes(b"")
+    assert train(train_cfg(run_dir, "trainer.max_steps=8"))["global_step"] == 8
     # overwrite: the old checkpoints are kept aside, a new run starts
     summary = train(train_cfg(run_dir, "module.lr=5e-4", "overwrite=true"))
     assert summary["global_step"] == 4 and list(tmp_path.glob("run/checkpoints.replaced-*/last.ckpt"))
