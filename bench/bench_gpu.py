@@ -263,6 +263,18 @@ def bench_train_project(model_name: str, shape, device, batch: int, warmup: int,
     return res
 
 
+def first_call_seconds(fn, shape, device, batch: int) -> float:
+    """Wall seconds of the first call (where compilation happens), kept out of the steady-state figures."""
+    x = torch.randn(batch, *shape, device=device)
+    t = torch.randint(1, 1001, (batch,), device=device)
+    with torch.no_grad():
+        sync(device)
+        t0 = time.perf_counter()
+        fn(x, t)
+        sync(device)
+    return time.perf_counter() - t0
+
+
 def bench_forward(fn, shape, device, batch: int, warmup: int, iters: int) -> dict[str, Any]:
     x = torch.randn(batch, *shape, device=device)
     t = torch.randint(1, 1001, (batch,), device=device)
@@ -276,14 +288,7 @@ def prepared_cell(net, precision: str, compile_label: str, shape, device, batch,
     mode = None if compile_label in ("off", "default") else compile_label
     prepared = accel.prepare_eps_model(net, precision=precision, compile=compile_label != "off", device=device,
                                        static_batch=batch, mode=mode)
-    x = torch.randn(batch, *shape, device=device)
-    t = torch.randint(1, 1001, (batch,), device=device)
-    with torch.no_grad():
-        sync(device)
-        t0 = time.perf_counter()
-        prepared(x, t)
-        sync(device)
-        first = time.perf_counter() - t0
+    first = first_call_seconds(prepared, shape, device, batch)
     res = bench_forward(prepared, shape, device, batch, warmup, iters)
     res.update(precision=precision, compile=compile_label, first_call_s=first, record=prepared.record())
     res["compile_s"] = prepared.compile_seconds if prepared.compiled else None
@@ -427,14 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             def eval_and_sample():
                 drop_caches(device)
                 prepared = accel.prepare_eps_model(net, device=device)
-                x = torch.randn(fwd_batch, *shape, device=device)
-                t = torch.randint(1, 1001, (fwd_batch,), device=device)
-                with torch.no_grad():
-                    sync(device)
-                    t0 = time.perf_counter()
-                    prepared(x, t)
-                    sync(device)
-                    first = time.perf_counter() - t0
+                first = first_call_seconds(prepared, shape, device, fwd_batch)
                 cell = bench_forward(prepared, shape, device, fwd_batch, warm, iters)
                 cell.update(settings=prepared.settings.as_dict(), record=prepared.record(), first_call_s=first,
                             compile_s=prepared.compile_seconds if prepared.compiled else None)

@@ -313,8 +313,6 @@ def _fid_context(s: EvalSettings, datamodule, device) -> FidContext | None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache = cache_dir / f"{getattr(datamodule, 'name', 'data')}_train_{len(ref_images)}.npz"
     ref = metric.reference(ref_images, cache_path=cache)
-    if cache is not None:  # every DDP rank must hold the same bytes: the ones others load from the cache
-        metric.load_reference(cache)
     identity = {"weights": metric.weights_id, "reference": {k: ref.metadata.get(k) for k in
                                                             ("fingerprint", "num_images", "weights")}}
     return FidContext(metric=metric, reference_path=str(cache.resolve()) if cache else None, identity=identity)

@@ -119,7 +119,7 @@ def load_reference(path: str | Path):
 
 
 def pytorch_fid_stats(path: str | Path):
-    """A pytorch-fid / Analytic-DPM / DDIM statistics file (``mu``, ``sigma``) as FeatureStats-like statistics."""
+    """A pytorch-fid / Analytic-DPM / DDIM statistics file (``mu``, ``sigma``) as FeatureStats (nominal count, exact mean and covariance)."""
     from ..fid import FeatureStats
 
     p = Path(path)
@@ -130,10 +130,4 @@ def pytorch_fid_stats(path: str | Path):
         mu, sigma = np.asarray(z["mu"], dtype=np.float64), np.asarray(z["sigma"], dtype=np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{p}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
-    import torch
-
-    stats = FeatureStats({"source": "pytorch-fid npz", "path": str(p)})
-    stats._count = 2  # unknown; mean and covariance are what FID uses
-    stats._mean = torch.from_numpy(mu)
-    stats._m2 = torch.from_numpy(sigma)  # cov = m2 / (count - 1) = sigma
-    return stats
+    return FeatureStats.from_mean_cov(mu, sigma, metadata={"source": "pytorch-fid npz", "path": str(p)})

@@ -305,10 +305,19 @@ class FeatureStats:
             raise ValueError(
                 f"{path}: malformed statistics (mu {mu.shape}, sigma {sigma.shape}, count {count})"
             )
+        return cls.from_mean_cov(mu, sigma, count, metadata)
+
+    @classmethod
+    def from_mean_cov(cls, mean, cov, count: int = 2, metadata: dict[str, Any] | None = None) -> FeatureStats:
+        """Statistics from a mean ``[D]`` and an unbiased covariance ``[D, D]`` of ``count`` features.
+
+        For statistics of unknown size (pytorch-fid's ``mu``/``sigma`` files) keep the nominal ``count=2``: FID
+        uses only the mean and the covariance, and ``cov`` is then stored exactly.
+        """
         out = cls(metadata)
-        out._count = count
-        out._mean = torch.from_numpy(mu)
-        out._m2 = torch.from_numpy(sigma * (count - 1))
+        out._count = int(count)
+        out._mean = torch.as_tensor(np.asarray(mean, dtype=np.float64))
+        out._m2 = torch.as_tensor(np.asarray(cov, dtype=np.float64) * (int(count) - 1))
         return out
 
     def __repr__(self) -> str:

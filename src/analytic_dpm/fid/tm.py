@@ -223,7 +223,9 @@ class InceptionFID(FrechetInceptionDistance):
     ) -> FeatureStats:
         """Reference statistics of ``images`` (cached at ``cache_path``, see :func:`reference_stats`), loaded.
 
-        With a valid cache the Inception does not run. Returns the :class:`FeatureStats`.
+        With a valid cache the Inception does not run. With ``cache_path`` the states are loaded from the file, so
+        the process that computed the statistics holds the same bytes as the DDP ranks that read them (the real
+        states are checked to be identical on every rank). Returns the :class:`FeatureStats`.
         """
         stats = reference_stats(
             images,
@@ -233,6 +235,8 @@ class InceptionFID(FrechetInceptionDistance):
             features=self.features,
             progress=progress,
         )
+        if cache_path is not None:
+            stats = FeatureStats.load(cache_path)
         self.load_reference(stats)
         return stats
 
