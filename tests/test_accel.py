@@ -308,8 +308,14 @@ def test_bench_gpu_tiny_writes_every_section(tmp_path, capsys):
     assert m["train_project"]["how"].startswith("Lightning Trainer.fit")
     assert m["eval_default"]["settings"]["precision"] in ("fp32", "tf32", "bf16")
     assert "overhead_vs_network" in m["sample_default"]
+    precisions = ("fp32", "tf32", "bf16", "bf16-attn")
     cells = {(c["precision"], c["compile"]): c for c in m["forward_matrix"]}
-    assert set(cells) == {(p, c) for p in ("fp32", "tf32", "bf16") for c in ("off", "default", "reduce-overhead")}
-    assert all(cells[(p, "off")]["images_per_s"] > 0 for p in ("fp32", "tf32", "bf16"))
+    assert set(cells) == {(p, c) for p in precisions for c in ("off", "default", "reduce-overhead")}
+    assert all(cells[(p, "off")]["images_per_s"] > 0 for p in precisions)
     assert "skipped" in cells[("bf16", "default")]  # no compile on a CPU unless asked
+    assert "skipped" in res["fusion"]  # likewise
+    variants = m["train_project_variants"]
+    assert set(variants) == {"attention bf16", "channels_last"}
+    assert variants["attention bf16"]["overrides"] == ["module.attention_float32=false"]
+    assert all(v["images_per_s"] > 0 for v in variants.values())
     assert res["table"] and "images/s" in stdout and not res["errors"]

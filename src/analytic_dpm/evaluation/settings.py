@@ -165,6 +165,8 @@ class FidSettings:
     method: tuple[str, ...] | None = None
     batch_size: int = 500
     feature_batch_size: int = 200
+    feature_precision: str = "fp32"  # the Inception forward: fp32 (TF32 off) | tf32 | bf16 (InceptionFeatures)
+    channels_last: bool = False  # the Inception in channels_last memory format
     weights_path: str | None = None
     skip_if_missing_weights: bool = False
     reference_images: int | None = None
@@ -197,6 +199,9 @@ class EvalSettings:
     precision: str = "fp32"  # the network's numeric precision (analytic_dpm.accel): fp32 | tf32 | bf16
     compile: str = "auto"  # torch.compile the network: auto (CUDA only) | true | false
     compile_mode: str | None = None  # e.g. reduce-overhead (CUDA graphs)
+    # the UNet's self-attention in float32 (true) or in the autocast dtype (false) under precision=bf16;
+    # None: as the network was built (float32 for this package's UNet)
+    attention_float32: bool | None = None
     shard: int = 0  # this job's shard of every cell (eval.num_shards jobs split each cell; merge adds them)
     num_shards: int = 1
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
@@ -213,7 +218,7 @@ class EvalSettings:
             raise SettingsError(f"eval must be a mapping, got {c!r}")
         top = ["K", "trajectory", "method", "metrics", "seed", "device", "eta", "clip_x0", "gamma_policy",
                "quadratic_duplicates", "gamma_path", "gamma_cache", "recalibrate", "on_mismatch", "calibration", "nll",
-               "fid", "report", "precision", "compile", "compile_mode", "shard", "num_shards"]
+               "fid", "report", "precision", "compile", "compile_mode", "attention_float32", "shard", "num_shards"]
         _unknown("eval", c, top)
         cal = dict(c.get("calibration") or {})
         _unknown("eval.calibration", cal, [f.name for f in fields(CalibrationSettings)])
@@ -248,6 +253,8 @@ class EvalSettings:
             precision=_choice("eval.precision", c.get("precision", "fp32"), PRECISIONS),
             compile=_compile_choice(c.get("compile", "auto")),
             compile_mode=_str("eval.compile_mode", c.get("compile_mode")),
+            attention_float32=None if c.get("attention_float32") is None else
+            _bool("eval.attention_float32", c.get("attention_float32")),
             shard=_int("eval.shard", c.get("shard", 0), minimum=0),
             num_shards=_int("eval.num_shards", c.get("num_shards", 1), minimum=1),
             calibration=CalibrationSettings(
@@ -271,6 +278,9 @@ class EvalSettings:
                 batch_size=_int("eval.fid.batch_size", fid.get("batch_size", 500), minimum=1),
                 feature_batch_size=_int("eval.fid.feature_batch_size", fid.get("feature_batch_size", 200),
                                         minimum=1),
+                feature_precision=_choice("eval.fid.feature_precision", fid.get("feature_precision", "fp32"),
+                                          PRECISIONS),
+                channels_last=_bool("eval.fid.channels_last", fid.get("channels_last", False)),
                 weights_path=_str("eval.fid.weights_path", fid.get("weights_path")),
                 skip_if_missing_weights=_bool("eval.fid.skip_if_missing_weights",
                                               fid.get("skip_if_missing_weights", False)),

@@ -72,11 +72,33 @@ def _warn_gamma(gamma: torch.Tensor, where: str) -> None:
         log.warning("%s: %s", where, message)
 
 
-def _run_identity(s: EvalSettings, *, model_id: str, model_step, gamma: torch.Tensor, gamma_M, dataset: str
-                  ) -> dict:
+def precision_label(s: EvalSettings, eps_model) -> str:
+    """``eval.precision`` as recorded in results: ``bf16-attn`` when bf16 also reaches the UNet's self-attention
+    (``attention_float32`` off), which moves the numbers further than bf16 with float32 attention."""
+    from ..nets import attention_in_float32
+
+    if s.precision == "bf16" and isinstance(eps_model, torch.nn.Module) and attention_in_float32(eps_model) is False:
+        return "bf16-attn"
+    return s.precision
+
+
+def apply_attention_setting(eps_model, s: EvalSettings) -> None:
+    """``eval.attention_float32`` onto the network (None: leave it as built); a warning when it has no attention
+    blocks of this package's UNet (e.g. a diffusers model), for which the option means nothing."""
+    from ..nets import set_attention_float32
+
+    if s.attention_float32 is None:
+        return
+    found = set_attention_float32(eps_model, s.attention_float32) if isinstance(eps_model, torch.nn.Module) else 0
+    if not found:
+        log.warning("eval.attention_float32 ignored: the network has no self-attention blocks of this package's UNet")
+
+
+def _run_identity(s: EvalSettings, *, model_id: str, model_step, gamma: torch.Tensor, gamma_M, dataset: str,
+                  precision: str | None = None) -> dict:
     return {
         "dataset": dataset, "model_id": model_id, "model_step": model_step, "gamma_hash": short(digest_tensor(gamma)),
-        "gamma_M": gamma_M, "seed": s.seed, "precision": s.precision, "gamma_policy": s.gamma_policy,
+        "gamma_M": gamma_M, "seed": s.seed, "precision": precision or s.precision, "gamma_policy": s.gamma_policy,
         "quadratic_duplicates": s.quadratic_duplicates, "eta": s.eta, "clip_x0": s.clip_x0, "version": __version__,
     }
 
@@ -158,7 +180,7 @@ def _network_context(s: EvalSettings, device, *, eps_model, schedule, gamma, gam
     else:  # continuous, unbounded data (synthetic): continuous decoder with the method's own variance
         nll_options = dict(decoder="continuous", decoder_variance="method", clip_x0=False, data_range=None)
     identity = _run_identity(s, model_id=model_id, model_step=model_step, gamma=gamma, gamma_M=gamma_M,
-                             dataset=name)
+                             dataset=name, precision=precision_label(s, eps_model))
     ctx = EvalContext(
         eps_model=eps_model, schedule=schedule, gamma=gamma, gamma_M=gamma_M, dataset=name,
         data_range=tuple(datamodule.data_range) if images else None, heldout=heldout, num_heldout=n_test,
@@ -171,9 +193,15 @@ def _network_context(s: EvalSettings, device, *, eps_model, schedule, gamma, gam
 
 
 def _calibrate(eps_model, schedule, datamodule, s: EvalSettings, device) -> torch.Tensor:
+    """Gamma with M = eval.calibration.num_samples, the network at eval.precision / eval.compile (like the grid's)."""
+    from ..accel import prepare_eps_model
+
     M = s.calibration.num_samples
-    log.info("calibrating Gamma with M = %d on the training split (%d network calls)", M, M * schedule.N)
-    return estimate_gamma(eps_model, schedule, datamodule.train_pool(None), M, s.calibration.batch_size,
+    log.info("calibrating Gamma with M = %d on the training split (%d network calls, %s)", M, M * schedule.N,
+             s.precision)
+    network = prepare_eps_model(eps_model, precision=s.precision, compile=s.compile, mode=s.compile_mode,
+                                device=device, static_batch=s.calibration.batch_size)
+    return estimate_gamma(network, schedule, datamodule.train_pool(None), M, s.calibration.batch_size,
                           generator=torch.Generator(device=device).manual_seed(s.seed), device=device)
 
 
@@ -186,6 +214,7 @@ def _checkpoint_context(cfg, s: EvalSettings, device: torch.device) -> EvalConte
         raise UserError(str(err)) from None
     schedule = ck.schedule
     s.check_against(schedule.N)
+    apply_attention_setting(ck.model, s)
     stored = None if cfg.get("data") else ck.hparams.get("data")
     if not cfg.get("data") and not stored:
         raise UserError("the checkpoint has no data config: pass data=<name> (and its paths)")
@@ -236,6 +265,9 @@ def cached_gamma(eps_model, schedule, datamodule, s: EvalSettings, device, model
     M = s.calibration.num_samples
     key = {"model": model_identity, "train_data": digest_tensor(datamodule.train_pool(None)), "M": M,
            "batch_size": s.calibration.batch_size, "seed": s.seed}
+    label = precision_label(s, eps_model)
+    if label != "fp32":  # (absent at fp32: Gamma cached before precisions existed stays valid)
+        key["precision"] = label
     path = Path(s.gamma_cache).expanduser() / f"gamma-{short(digest_json(key))}.pt" if s.gamma_cache else None
     if path is not None and path.is_file() and not s.recalibrate:
         log.info("Gamma from the cache %s", path)
@@ -255,6 +287,7 @@ def _pretrained_context(cfg, s: EvalSettings, device: torch.device) -> EvalConte
         )
     m = load_pretrained(cfg.pretrained, device)
     s.check_against(m.schedule.N)
+    apply_attention_setting(m.eps_model, s)
     datamodule, data_cfg = _datamodule(cfg, "data")
     if (datamodule.channels, datamodule.image_size) != (m.channels, m.image_size):
         got = f"{datamodule.channels}x{datamodule.image_size}x{datamodule.image_size}"
@@ -287,7 +320,8 @@ def _fid_context(s: EvalSettings, datamodule, device) -> FidContext | None:
             "(online), or drop FID with eval.metrics=[nll]."
         )
     try:
-        metric = InceptionFID(weights, batch_size=f.feature_batch_size).to(device)
+        metric = InceptionFID(weights, batch_size=f.feature_batch_size, precision=f.feature_precision,
+                              channels_last=f.channels_last).to(device)
     except OSError as e:  # torch-fidelity's download (weights_path=null) fails offline
         raise UserError(
             f"could not get the FID Inception weights ({type(e).__name__}: {e}); offline, build them with "
@@ -303,7 +337,8 @@ def _fid_context(s: EvalSettings, datamodule, device) -> FidContext | None:
             raise UserError(f"eval.fid.reference_stats: {e}") from None
         metric.load_reference(ref)
         identity = {"weights": metric.weights_id, "reference": {"file": file_sha256(path)}}
-        return FidContext(metric=metric, reference_path=str(path.resolve()), identity=identity)
+        return FidContext(metric=metric, reference_path=str(path.resolve()),
+                          identity=_with_feature_options(identity, metric))
     # a subset is drawn with a fixed generator: the same images in every process, run and seed (cache key)
     ref_images = datamodule.train_pool(f.reference_images, generator=torch.Generator().manual_seed(0)) \
         if f.reference_images is not None else datamodule.train_pool(None)
@@ -311,11 +346,21 @@ def _fid_context(s: EvalSettings, datamodule, device) -> FidContext | None:
     if f.reference_cache:
         cache_dir = Path(f.reference_cache).expanduser()
         cache_dir.mkdir(parents=True, exist_ok=True)
-        cache = cache_dir / f"{getattr(datamodule, 'name', 'data')}_train_{len(ref_images)}.npz"
+        options = f"_{metric.options_id}" if metric.options_id else ""  # e.g. _bf16: kept beside the fp32 one
+        cache = cache_dir / f"{getattr(datamodule, 'name', 'data')}_train_{len(ref_images)}{options}.npz"
     ref = metric.reference(ref_images, cache_path=cache)
     identity = {"weights": metric.weights_id, "reference": {k: ref.metadata.get(k) for k in
                                                             ("fingerprint", "num_images", "weights")}}
-    return FidContext(metric=metric, reference_path=str(cache.resolve()) if cache else None, identity=identity)
+    return FidContext(metric=metric, reference_path=str(cache.resolve()) if cache else None,
+                      identity=_with_feature_options(identity, metric))
+
+
+def _with_feature_options(identity: dict, metric) -> dict:
+    """The FID identity plus ``feature_options`` (e.g. ``"bf16"``) when the Inception runs with non-default
+    options; at the defaults the identity is unchanged, so results computed before these options keep their fid_id.
+    (``eval.fid.feature_batch_size`` is not part of it: the network treats images independently, a batch size only
+    changes float32 rounding.)"""
+    return {**identity, "feature_options": metric.options_id} if metric.options_id else identity
 
 
 def build_context(cfg, settings: EvalSettings | None = None) -> EvalContext:

@@ -119,7 +119,8 @@ def load_reference(path: str | Path):
 
 
 def pytorch_fid_stats(path: str | Path):
-    """A pytorch-fid / Analytic-DPM / DDIM statistics file (``mu``, ``sigma``) as FeatureStats (nominal count, exact mean and covariance)."""
+    """A pytorch-fid / Analytic-DPM / DDIM statistics file (``mu``, ``sigma``) as FeatureStats (nominal count,
+    exact mean and covariance)."""
     from ..fid import FeatureStats
 
     p = Path(path)

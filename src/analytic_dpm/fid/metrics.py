@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..accel import PRECISIONS, precision_scope
 from .inception_weights import (
     DEFAULT_WEIGHTS_PATH,
     FEATURE_DIM,
@@ -38,12 +39,17 @@ STATS_FORMAT = "analytic_dpm.fid.FeatureStats/1"
 FEATURE_LAYER = "2048"
 #: Identifies torch-fidelity's own download (``weights_path=None``) in cache metadata.
 TORCH_FIDELITY_DEFAULT_WEIGHTS = "torch-fidelity:weights-inception-2015-12-05-6726825d.pth"
+#: Numeric precisions of the Inception forward (:class:`InceptionFeatures`); fp32 (TF32 off) is the default.
+FEATURE_PRECISIONS = PRECISIONS
 
 __all__ = [
+    "FEATURE_PRECISIONS",
     "FeatureStats",
     "check_tensor_only_file",
     "InceptionFeatures",
     "data_fingerprint",
+    "feature_extractor_name",
+    "feature_options_id",
     "fid_from_stats",
     "fid_of_stream",
     "reference_stats",
@@ -124,6 +130,55 @@ def check_tensor_only_file(weights_path: str | os.PathLike) -> None:
     _tensor_only_cached(path, st.st_size, st.st_mtime_ns)
 
 
+def feature_options_id(precision: str = "fp32", channels_last: bool = False) -> str:
+    """What the Inception options add to the feature extractor's identity: ``""`` at the defaults.
+
+    Otherwise the precision, plus ``"+cl"`` for channels_last: ``"tf32"``, ``"bf16"``, ``"fp32+cl"``,
+    ``"bf16+cl"``. TF32 and bf16 change the features (bf16: 3e-2 relative L2 with the real weights, measured on a
+    CPU); channels_last computes the same numbers in exact arithmetic but through other convolution kernels, so its
+    rounding differs (2e-6 relative on a CPU, like another batch size). It is named anyway: a result or a cached
+    reference then says exactly how its features were made, at no cost to the defaults -- every result and cache
+    made before these options existed keeps its identity. (The batch size is not named: it never was, and naming it
+    now would change every existing identity for float32 noise.)
+    """
+    precision = _check_precision(precision)
+    if precision == "fp32" and not channels_last:
+        return ""
+    return precision + ("+cl" if channels_last else "")
+
+
+def feature_extractor_name(options_id: str = "") -> str:
+    """``inception-v3-compat:2048`` (the defaults), with ``:<options_id>`` appended otherwise (``...:2048:bf16``).
+
+    Recorded as ``feature_extractor`` in cached reference statistics and shard sums, and compared when they are
+    reused: statistics made with other options are recomputed, never mixed.
+    """
+    base = f"{FEATURE_EXTRACTOR_NAME}:{FEATURE_LAYER}"
+    return f"{base}:{options_id}" if options_id else base
+
+
+def _check_precision(precision: str) -> str:
+    if not isinstance(precision, str) or precision not in FEATURE_PRECISIONS:
+        raise ValueError(
+            f"Inception precision={precision!r}: choose one of fp32 (float32 with TF32 off, the default), tf32 "
+            "(TF32 convolutions on CUDA) or bf16 (bfloat16 autocast)"
+        )
+    return precision
+
+
+def _resolve_precision(precision: str, allow_tf32: bool) -> str:
+    """``precision`` checked, with the older ``allow_tf32=True`` read as ``"tf32"``."""
+    precision = _check_precision(precision)
+    if not allow_tf32:
+        return precision
+    if precision == "bf16":
+        raise ValueError(
+            "InceptionFeatures: allow_tf32=True asks for TF32 but precision='bf16' for bfloat16 autocast; pass only "
+            "one of them (allow_tf32=True is the older spelling of precision='tf32')"
+        )
+    return "tf32"
+
+
 class InceptionFeatures:
     """torch-fidelity's ``FeatureExtractorInceptionV3`` (``inception-v3-compat``), 2048-d pool features.
 
@@ -133,9 +188,21 @@ class InceptionFeatures:
     it) and is checked against the recorded hash of the converted weights (a warning if it differs). Call it
     on images ``[B, 1|3, H, W]``, uint8 or float in ``[-1, 1]`` (see :func:`to_uint8_rgb`), any ``H, W``
     (torch-fidelity resizes to 299x299 with TF1-compatible bilinear interpolation); returns float32
-    ``[B, 2048]`` on the network's device, computed in chunks of ``batch_size``. On CUDA, TF32 convolutions are
-    turned off during the forward pass (``allow_tf32=False``) so features are full fp32 like the TensorFlow
-    reference.
+    ``[B, 2048]`` on the network's device, computed in chunks of ``batch_size``.
+
+    Speed options (``bench/bench_fid.py features`` measures their speed and their effect on FID):
+
+    - ``precision="fp32"`` (default): float32 with TF32 off on CUDA, so features are full fp32 like the
+      TensorFlow reference. ``"tf32"``: TF32 convolutions and matmuls on CUDA (identical to fp32 on a CPU).
+      ``"bf16"``: ``torch.autocast(device_type, torch.bfloat16)`` around the network call (cuda and cpu only);
+      the weights stay float32. The TF32 switches and the autocast state are set for each call and restored
+      afterwards (:func:`analytic_dpm.accel.precision_scope`); an outer autocast does not reach the network.
+      ``allow_tf32=True`` is the older spelling of ``precision="tf32"``.
+    - ``channels_last``: the network's weights (converted once, in place, also for a given ``model``) and each
+      input chunk in ``torch.channels_last`` memory format.
+
+    Features are float32 whatever the options. Options other than the defaults are part of :attr:`name`
+    (:func:`feature_options_id`), so cached reference statistics are only reused with the same options.
 
     ``model``: an already built network to use instead of building one (the torchmetrics metric passes its
     own ``NoTrainInceptionV3``, which returns the features as a tensor rather than a 1-tuple); it is
@@ -148,12 +215,18 @@ class InceptionFeatures:
         device: str | torch.device = "cpu",
         batch_size: int = 64,
         *,
+        precision: str = "fp32",
+        channels_last: bool = False,
         allow_tf32: bool = False,
         check_hash: bool = True,
         model: torch.nn.Module | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.precision = _resolve_precision(precision, allow_tf32)
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"channels_last must be True or False, got {channels_last!r}")
+        self.channels_last = channels_last
         if weights_path is not None:
             weights_path = os.fspath(weights_path)
             _require_weights_file(weights_path)
@@ -164,7 +237,6 @@ class InceptionFeatures:
         self.weights_path = weights_path
         self.weights_id = weights_identity(weights_path)
         self.batch_size = int(batch_size)
-        self.allow_tf32 = allow_tf32
         if model is None:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -173,6 +245,7 @@ class InceptionFeatures:
             ).to(device)
         self.model = model
         self.model.eval().requires_grad_(False)
+        self._apply_memory_format()
         #: Images passed through the network so far (lets callers/tests see whether it ran).
         self.num_images = 0
 
@@ -181,8 +254,30 @@ class InceptionFeatures:
         return next(self.model.parameters()).device
 
     @property
+    def allow_tf32(self) -> bool:
+        """Whether TF32 is on (``precision == "tf32"``); kept for callers of the older argument."""
+        return self.precision == "tf32"
+
+    @property
+    def options_id(self) -> str:
+        """``""`` at the default options, else e.g. ``"bf16"``, ``"fp32+cl"`` (:func:`feature_options_id`)."""
+        return feature_options_id(self.precision, self.channels_last)
+
+    @property
     def name(self) -> str:
-        return f"{FEATURE_EXTRACTOR_NAME}:{FEATURE_LAYER}"
+        """``inception-v3-compat:2048``, with ``:<options_id>`` appended for non-default options."""
+        return feature_extractor_name(self.options_id)
+
+    def _apply_memory_format(self) -> None:
+        """channels_last: the 4-d weights in that format, once (``.to(device)`` keeps a tensor's memory format)."""
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def _check_device(self, device: torch.device) -> None:
+        if self.precision == "bf16" and device.type not in ("cuda", "cpu"):
+            raise ValueError(
+                f"Inception precision='bf16' needs a cuda or cpu device, the network is on {device}; use fp32"
+            )
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -190,20 +285,18 @@ class InceptionFeatures:
         device = self.device
         if x.shape[0] == 0:
             return torch.empty(0, FEATURE_DIM, device=device)
-        tf32_before = torch.backends.cudnn.allow_tf32
-        if device.type == "cuda" and not self.allow_tf32:
-            torch.backends.cudnn.allow_tf32 = False
-        try:
-            out = []
+        self._check_device(device)
+        out = []
+        with precision_scope(self.precision, device.type):
             for start in range(0, x.shape[0], self.batch_size):
                 chunk = x[start : start + self.batch_size].to(device, non_blocking=True)
+                if self.channels_last:
+                    chunk = chunk.contiguous(memory_format=torch.channels_last)
                 feats = self.model(chunk)
                 if isinstance(feats, (tuple, list)):  # torch-fidelity: a tuple of the requested layers
                     (feats,) = feats
                 out.append(feats.to(torch.float32))
                 self.num_images += chunk.shape[0]
-        finally:
-            torch.backends.cudnn.allow_tf32 = tf32_before
         return torch.cat(out) if len(out) > 1 else out[0]
 
 
@@ -415,10 +508,11 @@ def reference_stats(
     ``images``: a uint8 (or [-1, 1] float) tensor/array ``[N, C, H, W]``, or an iterable of such
     batches (e.g. a DataLoader; ``(images, labels)`` tuples are fine). The cache metadata records the
     number of images, the data ``fingerprint`` (default: sha256 of the tensor; required for an
-    iterable when caching) and the Inception weights' sha256; the cache is reused when they match and
-    recomputed (with a warning) when they do not. ``features`` reuses an already loaded extractor
-    (then ``weights_path``/``device``/``batch_size`` are taken from it); otherwise one is only built
-    when the statistics must be computed.
+    iterable when caching), the Inception weights' sha256 and the feature extractor's name (which names
+    non-default precision / memory-format options, :attr:`InceptionFeatures.name`); the cache is reused
+    when they match and recomputed (with a warning) when they do not. ``features`` reuses an already
+    loaded extractor (then ``weights_path``/``device``/``batch_size`` and the options are taken from it);
+    otherwise one with the default options is only built when the statistics must be computed.
     """
     is_array = torch.is_tensor(images) or isinstance(images, np.ndarray)
     if fingerprint is None and is_array:
@@ -428,9 +522,11 @@ def reference_stats(
             "reference_stats: pass fingerprint=... to cache statistics of an iterable of batches"
         )
     weights_id = features.weights_id if features is not None else weights_identity(weights_path)
+    # without ``features`` the extractor built below has the default options, hence the default name
+    extractor = features.name if features is not None else feature_extractor_name()
     wanted = {
         "format": STATS_FORMAT,
-        "feature_extractor": f"{FEATURE_EXTRACTOR_NAME}:{FEATURE_LAYER}",
+        "feature_extractor": extractor,
         "weights": weights_id,
         "fingerprint": fingerprint,
         "num_images": int(images.shape[0]) if is_array else None,

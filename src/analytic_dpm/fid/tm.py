@@ -9,6 +9,9 @@ fake-feature sums across DDP ranks at ``compute``) with these choices:
   quantised by :func:`to_uint8_rgb` exactly as the old path. The network stays float32 whatever is done
   to the module (``.to(dtype)``, ``set_dtype``): torchmetrics' ``set_dtype(float64)`` would run the whole
   Inception in float64 (65 s instead of 26 s for 60k images on an H200) for no measurable gain.
+  ``precision="tf32"|"bf16"`` and ``channels_last=True`` are :class:`InceptionFeatures`' speed options (bf16 is
+  autocast around the forward only; the weights stay float32); non-default options are part of
+  :attr:`InceptionFID.extractor_name`, so references and shard sums made with other options are refused.
 - **Resize**: ``antialias=False``, i.e. torch-fidelity's TF1-compatible bilinear resize. torchmetrics'
   default ``antialias=True`` uses ``F.interpolate(mode="bilinear", antialias=True)``, which samples the
   image on half-pixel centres while TF1 (and so the original FID code and torch-fidelity) maps output pixel
@@ -65,9 +68,8 @@ import torch
 from torch import Tensor
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from .inception_weights import DEFAULT_WEIGHTS_PATH, FEATURE_DIM, FEATURE_EXTRACTOR_NAME, check_weights_file
+from .inception_weights import DEFAULT_WEIGHTS_PATH, FEATURE_DIM, check_weights_file
 from .metrics import (
-    FEATURE_LAYER,
     FeatureStats,
     InceptionFeatures,
     _require_weights_file,
@@ -104,7 +106,10 @@ class InceptionFID(FrechetInceptionDistance):
         weights_path: the converted Inception weights (``make fid-weights``); ``None`` lets torch-fidelity
             download its own (online only).
         batch_size: images per Inception forward inside :meth:`update`.
-        allow_tf32: allow TF32 convolutions on CUDA (off by default: full fp32 like the TF reference).
+        precision: the Inception forward's precision, ``"fp32"`` (default: TF32 off, full fp32 like the TF
+            reference), ``"tf32"`` or ``"bf16"`` (autocast; see :class:`InceptionFeatures`).
+        channels_last: run the Inception in ``torch.channels_last`` memory format.
+        allow_tf32: the older spelling of ``precision="tf32"``.
         check_hash: warn if the weights are not the recorded converted file.
         **kwargs: torchmetrics ``Metric`` options (``process_group``, ``dist_sync_fn``, ...).
 
@@ -118,6 +123,8 @@ class InceptionFID(FrechetInceptionDistance):
         weights_path: str | os.PathLike | None = DEFAULT_WEIGHTS_PATH,
         *,
         batch_size: int = 64,
+        precision: str = "fp32",
+        channels_last: bool = False,
         allow_tf32: bool = False,
         check_hash: bool = True,
         **kwargs: Any,
@@ -144,7 +151,8 @@ class InceptionFID(FrechetInceptionDistance):
         for name in _REAL:
             self.add_state(name, self._defaults[name].clone(), dist_reduce_fx=same_on_every_rank)
         self.features = InceptionFeatures(
-            weights_path, batch_size=batch_size, allow_tf32=allow_tf32, check_hash=False, model=self.inception
+            weights_path, batch_size=batch_size, precision=precision, channels_last=channels_last,
+            allow_tf32=allow_tf32, check_hash=False, model=self.inception,
         )
 
     # -- dtype invariants -------------------------------------------------------------------------------
@@ -179,7 +187,13 @@ class InceptionFID(FrechetInceptionDistance):
 
     @property
     def extractor_name(self) -> str:
-        return f"{FEATURE_EXTRACTOR_NAME}:{FEATURE_LAYER}"
+        """:attr:`InceptionFeatures.name`: ``inception-v3-compat:2048``, plus ``:<options>`` if not the defaults."""
+        return self.features.name
+
+    @property
+    def options_id(self) -> str:
+        """``""`` at the default Inception options, else e.g. ``"bf16"`` (:func:`feature_options_id`)."""
+        return self.features.options_id
 
     # -- update / compute ------------------------------------------------------------------------------
 
@@ -243,7 +257,8 @@ class InceptionFID(FrechetInceptionDistance):
     def load_reference(self, ref: FeatureStats | FeatureSums | str | os.PathLike) -> None:
         """Put reference statistics (or a :meth:`FeatureStats.save` file) into the real-feature states.
 
-        ``ValueError`` if their metadata names other Inception weights than this metric's.
+        ``ValueError`` if their metadata names other Inception weights, or another feature extractor (other
+        precision / memory-format options), than this metric's.
         """
         if isinstance(ref, (str, os.PathLike)):
             ref = FeatureStats.load(ref)
@@ -257,6 +272,12 @@ class InceptionFID(FrechetInceptionDistance):
             raise ValueError(
                 f"reference statistics were made with Inception weights {weights}, this metric "
                 f"uses {self.weights_id}; recompute them (delete the cache)"
+            )
+        extractor = sums.metadata.get("feature_extractor")
+        if extractor is not None and extractor != self.extractor_name:
+            raise ValueError(
+                f"reference statistics were made with feature extractor {extractor}, this metric uses "
+                f"{self.extractor_name}; recompute them with reference() (a cache is recomputed when they differ)"
             )
         self._set_sums(_REAL, sums)
 

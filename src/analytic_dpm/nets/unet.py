@@ -29,7 +29,7 @@ their weights load by renaming keys (``analytic_dpm.pretrained``):
 
 The implementation is kept free of shape-dependent Python control flow in ``forward`` so that it
 works under ``torch.compile(fullgraph=True)``, with ``channels_last`` inputs, and with bf16/fp16
-autocast (attention is evaluated in float32).
+autocast (attention is evaluated in float32 unless ``attention_float32=False``).
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ __all__ = [
     "TimestepSequential",
     "UNet",
     "Upsample",
+    "attention_in_float32",
+    "set_attention_float32",
     "timestep_embedding",
 ]
 
@@ -231,20 +233,25 @@ class ResBlock(TimestepBlock):
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over all spatial positions, with a residual connection.
 
-    ``GN -> 1x1 conv to q, k, v -> softmax(q k^T / sqrt(d)) v -> 1x1 conv (zero-init)``. The attention
-    itself runs in float32 (autocast disabled locally) through ``F.scaled_dot_product_attention``. The
-    layout manipulation goes through NHWC, which is a free view for ``channels_last`` inputs.
+    ``GN -> 1x1 conv to q, k, v -> softmax(q k^T / sqrt(d)) v -> 1x1 conv (zero-init)``, the attention through
+    ``F.scaled_dot_product_attention``. With ``attention_float32`` (the default) q, k, v are cast to float32 and
+    autocast is disabled around the attention, so softmax(q k^T / sqrt(d)) is float32 whatever the precision of
+    the rest of the network. Without it the attention runs in the dtype q, k, v arrive in: bfloat16 under bf16
+    autocast (which lets SDPA pick its fused flash/memory-efficient kernels on a GPU), float32 otherwise (then
+    both settings give the same numbers). The layout manipulation goes through NHWC, which is a free view for
+    ``channels_last`` inputs.
 
     The ``qkv`` conv's output channels are ordered ``(3, heads, d)``: all queries, then all keys, then all
     values, each split into heads. (iDDPM orders them ``(heads, 3, d)`` and DDPM has three separate convs;
     ``analytic_dpm.pretrained.unet_mapping`` permutes their weights into this order.)
     """
 
-    def __init__(self, channels: int, num_heads: int = 1, norm_eps: float = 1e-5):
+    def __init__(self, channels: int, num_heads: int = 1, norm_eps: float = 1e-5, attention_float32: bool = True):
         super().__init__()
         if channels % num_heads != 0:
             raise ValueError(f"attention channels ({channels}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
+        self.attention_float32 = bool(attention_float32)
         self.norm = group_norm(channels, norm_eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
@@ -256,11 +263,29 @@ class AttentionBlock(nn.Module):
         # [B, 3C, H, W] -> [B, HW, 3, heads, d] -> three [B, heads, HW, d] tensors.
         qkv = qkv.permute(0, 2, 3, 1).reshape(b, height * width, 3, heads, c // heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            h = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        if self.attention_float32:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                h = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        else:  # the dtype q, k, v arrive in (bf16 under autocast)
+            h = F.scaled_dot_product_attention(q, k, v)
         # [B, heads, HW, d] -> [B, H, W, C] -> [B, C, H, W] (channels_last strides).
         h = h.to(qkv.dtype).transpose(1, 2).reshape(b, height, width, c).permute(0, 3, 1, 2)
         return x + self.proj_out(h)
+
+
+def set_attention_float32(model: nn.Module, value: bool) -> int:
+    """Set ``attention_float32`` on every :class:`AttentionBlock` inside ``model`` (a run-time choice: the weights
+    are the same); returns how many blocks there are (0: a network without this package's attention)."""
+    blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+    for block in blocks:
+        block.attention_float32 = bool(value)
+    return len(blocks)
+
+
+def attention_in_float32(model: nn.Module) -> bool | None:
+    """Whether every :class:`AttentionBlock` of ``model`` evaluates attention in float32 (None: it has none)."""
+    flags = {m.attention_float32 for m in model.modules() if isinstance(m, AttentionBlock)}
+    return None if not flags else all(flags)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,6 +319,9 @@ class UNet(nn.Module):
         norm_eps: GroupNorm epsilon (1e-5: iDDPM; 1e-6: DDPM).
         num_heads_upsample: attention heads in the decoder blocks (iDDPM's flag; None or -1: ``num_heads``).
             Ignored when ``num_head_channels`` is given.
+        attention_float32: evaluate softmax(q k^T / sqrt(d)) v in float32 under autocast (the default; see
+            :class:`AttentionBlock`). ``False``: in the autocast dtype (bf16), faster on GPUs; changes numbers
+            only under autocast. Weights are the same either way (a run-time choice, not an architecture).
     """
 
     def __init__(
@@ -316,6 +344,7 @@ class UNet(nn.Module):
         downsample_padding: str = "symmetric",
         norm_eps: float = 1e-5,
         num_heads_upsample: int | None = None,
+        attention_float32: bool = True,
     ):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
@@ -351,6 +380,7 @@ class UNet(nn.Module):
         self.norm_eps = float(norm_eps)
         self.num_heads = num_heads
         self.num_heads_upsample = num_heads_upsample
+        self.attention_float32 = bool(attention_float32)
 
         emb_dim = 4 * base_channels
 
@@ -366,7 +396,7 @@ class UNet(nn.Module):
             )  # fmt: skip
 
         def attention(ch: int, decoder: bool = False) -> AttentionBlock:
-            return AttentionBlock(ch, heads_for(ch, decoder), norm_eps=norm_eps)
+            return AttentionBlock(ch, heads_for(ch, decoder), norm_eps=norm_eps, attention_float32=attention_float32)
 
         # Timestep embedding MLP.
         self.time_embed = nn.Sequential(

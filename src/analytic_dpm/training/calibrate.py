@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=500, help="network batch (default 500)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--autocast", choices=["none", "bf16"], default="none")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
+                   help="the network's precision (analytic_dpm.accel): fp32 = TF32 off (default), tf32, bf16")
+    p.add_argument("--compile", choices=["auto", "true", "false"], default="false",
+                   help="torch.compile the network (auto: on CUDA; default false: compiling costs more than a "
+                        "short calibration gains)")
+    p.add_argument("--autocast", choices=["none", "bf16"], default="none", help="older spelling of --precision bf16")
     p.add_argument("--data", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the checkpoint's data config (repeatable), e.g. root=/data")
     p.add_argument("--no-progress", action="store_true")
@@ -78,6 +83,7 @@ def calibrate_pretrained(args) -> int:
     """Gamma of a pretrained network on a dataset's training split, written to ``--out``."""
     import torch
 
+    from ..accel import prepare_eps_model
     from ..data import get_datamodule_class
     from ..gamma import estimate_gamma, gamma_warnings, save_gamma_file
     from ..pretrained import PretrainedError
@@ -98,7 +104,9 @@ def calibrate_pretrained(args) -> int:
             raise ValueError(f"the model takes {m.channels}x{m.image_size}^2 images, --dataset {args.dataset} gives "
                              f"{dm.channels}x{dm.image_size}^2")
         gen = torch.Generator(device=device).manual_seed(args.seed)
-        gamma = estimate_gamma(m.eps_model, m.schedule, dm.train_pool(None), args.num_samples, args.batch_size,
+        network = prepare_eps_model(m.eps_model, precision=_precision(args), compile=args.compile, device=device,
+                                    static_batch=args.batch_size)
+        gamma = estimate_gamma(network, m.schedule, dm.train_pool(None), args.num_samples, args.batch_size,
                                generator=gen, progress=not args.no_progress)
     except (PretrainedError, FileNotFoundError, ImportError, ValueError, TypeError, DatasetNotAvailableError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -106,10 +114,21 @@ def calibrate_pretrained(args) -> int:
     for w in gamma_warnings(gamma):
         print(f"warning: {w}", file=sys.stderr)
     save_gamma_file(args.out, gamma, M=int(args.num_samples), seed=int(args.seed), model=m.identity,
-                    dataset=args.dataset, N=m.schedule.N)
+                    dataset=args.dataset, N=m.schedule.N, precision=network.settings.precision)
     print(f"Gamma (M={args.num_samples}, N={m.schedule.N}): max {float(gamma[1:].max()):.4f}, "
           f"mean {float(gamma[1:].mean()):.4f} -> {args.out}  (use it with eval.gamma_path={args.out})")
     return 0
+
+
+def _precision(args) -> str:
+    """``--precision``, with ``--autocast bf16`` as its older spelling; SystemExit(2) if they disagree."""
+    if args.autocast == "bf16":
+        if args.precision not in (None, "bf16"):
+            print(f"error: --autocast bf16 and --precision {args.precision} disagree: pass --precision only",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        return "bf16"
+    return args.precision or "fp32"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = calibrate_checkpoint(
             ckpt, out_path=args.out, num_samples=args.num_samples, batch_size=args.batch_size, device=args.device,
-            seed=args.seed, autocast=None if args.autocast == "none" else args.autocast,
+            seed=args.seed, precision=_precision(args), compile=args.compile,
             data_overrides=dict(args.data), progress=not args.no_progress,
         )  # fmt: skip
     except (FileNotFoundError, ValueError, DatasetNotAvailableError) as e:

@@ -13,7 +13,6 @@ Checkpoint layout (a Lightning checkpoint, loadable with ``torch.load(..., weigh
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -226,6 +225,8 @@ def calibrate_checkpoint(
     autocast: str | None = None,
     data_overrides: Mapping[str, Any] | None = None,
     progress: bool = True,
+    precision: str = "fp32",
+    compile: bool | str = False,
 ) -> LoadedCheckpoint:
     """Estimate Gamma for a checkpoint with its EMA weights and write it into the checkpoint.
 
@@ -234,7 +235,10 @@ def calibrate_checkpoint(
         num_samples, batch_size: M and the network batch of :func:`analytic_dpm.estimate_gamma`.
         datamodule: the training data; None builds it from the checkpoint's ``data`` config
             (``data_overrides`` replaces keys, e.g. ``{"root": "/new/data"}``).
-        device: default CUDA when available. ``autocast``: None or ``"bf16"``.
+        device: default CUDA when available.
+        precision, compile: the network's speed options (:func:`analytic_dpm.accel.prepare_eps_model`): ``"fp32"``
+            (TF32 off; the default), ``"tf32"`` or ``"bf16"``; ``compile`` True / False / ``"auto"`` (CUDA only).
+            ``autocast="bf16"`` is the older spelling of ``precision="bf16"``.
     Returns the :class:`LoadedCheckpoint` of the written file (model on ``device``).
     """
     p = Path(path).expanduser()
@@ -249,20 +253,24 @@ def calibrate_checkpoint(
         datamodule = build_datamodule(hp["data"], **dict(data_overrides or {}))
     if autocast not in (None, "none", "bf16"):
         raise ValueError(f"autocast must be None or 'bf16', got {autocast!r}")
+    if autocast == "bf16":
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"autocast='bf16' and precision={precision!r} disagree: pass precision only")
+        precision = "bf16"
+    from ..accel import prepare_eps_model
 
-    def ctx():
-        if autocast == "bf16":
-            return torch.autocast(dev.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    network = prepare_eps_model(model.eval(), precision=precision, compile=compile, device=dev,
+                                static_batch=int(batch_size))
 
     gseed = mix_seed(int(seed), "gamma-calibration", "checkpoint")
     gen = torch.Generator(device=dev).manual_seed(gseed)
-    gamma, seconds = calibrate_gamma(model, schedule, datamodule, num_samples, batch_size, generator=gen,
-                                     autocast=ctx, progress=progress, where=f"Gamma calibration of {p}")
+    gamma, seconds = calibrate_gamma(network, schedule, datamodule, num_samples, batch_size, generator=gen,
+                                     progress=progress, where=f"Gamma calibration of {p}")
     state = dict(ckpt.get(CHECKPOINT_KEY) or {})
     state.update(
         gamma=gamma, gamma_M=int(num_samples), gamma_epoch=ckpt.get("epoch"), gamma_step=ckpt.get("global_step"),
         calibration_seconds=float(seconds), gamma_seed=gseed, schedule=schedule.name, N=schedule.N,
+        gamma_precision=network.settings.precision,
     )  # fmt: skip
     ckpt[CHECKPOINT_KEY] = state
     out = Path(out_path).expanduser() if out_path is not None else p

@@ -40,6 +40,7 @@ from lightning import LightningModule
 from torch import Tensor, nn
 
 from ..data import to_model_space
+from ..nets import set_attention_float32
 from ..schedule import NoiseSchedule
 from .data import mix_seed
 from .resume import normalize_epoch_end_checkpoint
@@ -127,6 +128,10 @@ class DiffusionModule(LightningModule):
             state-dict keys are unchanged; a failure falls back to eager with a warning (module docstring).
         compile_mode: ``torch.compile`` mode (None: torch's default).
         channels_last: keep the training network and its inputs in channels-last memory format.
+        attention_float32: evaluate the UNet's self-attention in float32 under bf16 autocast (the default), or,
+            ``False``, in bf16 (faster on GPUs; :func:`analytic_dpm.nets.set_attention_float32`). A run-time
+            choice like ``compile``: the weights and checkpoints are the same, and changing it never refuses a
+            resume. Networks without this package's attention blocks ignore it.
         max_loss: a step loss above this (or not finite) is divergence and stops the run (None: only a
             non-finite loss). The epsilon-MSE of an untrained, zero-initialised network is 1.
         seed: the run's seed; the per-step randomness derives from it (module docstring).
@@ -149,6 +154,7 @@ class DiffusionModule(LightningModule):
         compile: bool | str = False,
         compile_mode: str | None = None,
         channels_last: bool = False,
+        attention_float32: bool = True,
         max_loss: float | None = 1.0e4,
         seed: int = 0,
         config: Mapping | None = None,
@@ -167,6 +173,7 @@ class DiffusionModule(LightningModule):
         self.compile_model = _parse_compile(compile)
         self.compile_mode = None if compile_mode in (None, "default") else str(compile_mode)
         self.channels_last = bool(channels_last)
+        self.attention_float32 = bool(attention_float32)
         if max_loss is not None and not float(max_loss) > 0:
             raise ValueError(f"max_loss must be positive or null, got {max_loss}")
         self.max_loss = None if max_loss is None else float(max_loss)
@@ -180,13 +187,16 @@ class DiffusionModule(LightningModule):
             "lr": self.lr, "weight_decay": self.weight_decay, "betas": list(self.adam_betas), "eps": self.adam_eps,
             "warmup_steps": self.warmup_steps, "ema_decay": self.ema_decay, "ema_warmup": self.ema_warmup,
             "compile": self.compile_model, "compile_mode": self.compile_mode, "channels_last": self.channels_last,
-            "max_loss": self.max_loss,
+            "attention_float32": self.attention_float32, "max_loss": self.max_loss,
         }  # fmt: skip
         full.setdefault("seed", self.seed)
         self.save_hyperparameters(full)
 
         self.eps_model = build_model(model_cfg)
         self.ema_model = copy.deepcopy(self.eps_model).requires_grad_(False)
+        if not self.attention_float32:
+            for net in (self.eps_model, self.ema_model):
+                set_attention_float32(net, False)
 
         sched = self.noise_schedule
         self.register_buffer("sqrt_abar", sched.alphas_cumprod.sqrt().float(), persistent=False)

@@ -29,6 +29,9 @@ __all__ = ["finished_summary", "normalize_epoch_end_checkpoint", "resolve_resume
 
 #: config sections that define a training run: resuming a directory with any of them changed is refused
 RUN_DEFINING = ("data", "model", "diffusion", "module", "seed")
+#: keys of those sections that only set how fast the same run goes (no change to what is trained beyond float
+#: rounding): changing them, or their absence in a checkpoint written before they existed, never refuses a resume
+SPEED_ONLY = ("module.compile", "module.compile_mode", "module.channels_last", "module.attention_float32")
 #: trainer keys that change what is trained (max_steps may grow: that continues the run)
 TRAINER_DEFINING = ("precision", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
                     "limit_train_batches", "devices", "num_nodes", "strategy")
@@ -101,7 +104,8 @@ def resolve_resume(config: Mapping[str, Any], output_dir: Path, overwrite: bool,
             "move the checkpoints aside and start afresh"
         )
     keys = [k for k in RUN_DEFINING if k != "seed" or seed_given]
-    diffs = [d for k in keys for d in _differences(stored.get(k, "<absent>"), config.get(k, "<absent>"), f"{k}.")]
+    diffs = [d for k in keys for d in _differences(stored.get(k, "<absent>"), config.get(k, "<absent>"), f"{k}.")
+             if d.split(":", 1)[0] not in SPEED_ONLY]
     old_tr, new_tr = stored.get("trainer") or {}, config.get("trainer") or {}
     diffs += [d for k in TRAINER_DEFINING for d in _differences(old_tr.get(k, "<absent>"),
                                                                 new_tr.get(k, "<absent>"), f"trainer.{k}.")]
