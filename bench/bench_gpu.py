@@ -25,9 +25,11 @@ Card: the measured rate of a large bf16 matmul (and tf32 / fp32) gives the fract
 (training counts forward + backward FLOPs). Compilation seconds (the first call) are reported apart from the
 steady-state figures (warm-up calls, then timed calls between CUDA synchronisations, CUDA events).
 
-Time budget: sections run in priority order (the cheap and key figures of both models first, then the project's
-training step, then the compiled cells of the matrix) and a section that would not fit in ``--budget-s`` is recorded
-as skipped, so one unattended run always ends with a table and a JSON file (also rewritten after every section).
+Time budget: sections run in priority order (the cheap figures of both models first (FLOPs, fp32 eager forward and
+training loop, the eager forward matrix), then model by model the project's training step and the evaluation
+defaults, then the training-option variants, then the compiled cells of the matrix), and a section that would not
+fit in ``--budget-s`` is recorded as skipped, so one unattended run always ends with a table and a JSON file (also
+rewritten after every section).
 """
 
 from __future__ import annotations
@@ -478,43 +480,52 @@ def main(argv: list[str] | None = None) -> int:
                 cell = run(f"{key}/forward {p} eager", 10,
                            lambda p=p: prepared_cell(net, p, "off", shape, device, fwd_batch, warm, iters)[0])
                 m["forward_matrix"].append({"precision": p, "compile": "off", **cell})
-        if want("eval_default") or want("sample_default"):
-            def eval_and_sample():
-                drop_caches(device)
-                prepared = accel.prepare_eps_model(net, device=device)
-                first = first_call_seconds(prepared, shape, device, fwd_batch)
-                cell = bench_forward(prepared, shape, device, fwd_batch, warm, iters)
-                cell.update(settings=prepared.settings.as_dict(), record=prepared.record(), first_call_s=first,
-                            compile_s=prepared.compile_seconds if prepared.compiled else None)
-                smp = bench_sample(prepared, shape, device, fwd_batch, K, cell["seconds_per_call"]) \
-                    if want("sample_default") else {"skipped": "--only"}
-                return cell, smp
-
-            out = run(f"{key}/eval_default + sample_default", compile_cost if default_compile.compile else 10,
-                      eval_and_sample)
-            if isinstance(out, tuple):
-                m["eval_default"], m["sample_default"] = out
-                if m["eval_default"].get("compile_s"):
-                    compile_cost = max(30.0, 1.3 * m["eval_default"]["compile_s"])
-                if want("forward_matrix") and default_cell[1] != "off":
-                    m["forward_matrix"].append({"precision": default_cell[0], "compile": default_cell[1],
-                                                "same_as": "eval_default", **m["eval_default"]})
-            else:
-                m["eval_default"] = m["sample_default"] = out
         drop_caches(device)
 
     for key, (model_name, title) in models.items():
         phase1(key, model_name, title)
 
-    # phase 2: the project's training step (compiles forward + backward on a GPU)
-    if want("train_project"):
-        for key, (model_name, _) in models.items():
+    def phase2_eval(key: str) -> None:
+        """(d) the evaluation forward and sample() at the accel defaults (compiles on a GPU)."""
+        nonlocal compile_cost
+        if not (want("eval_default") or want("sample_default")):
+            return
+        net, m = nets[key], res["models"][key]
+
+        def eval_and_sample():
+            drop_caches(device)
+            prepared = accel.prepare_eps_model(net, device=device)
+            first = first_call_seconds(prepared, shape, device, fwd_batch)
+            cell = bench_forward(prepared, shape, device, fwd_batch, warm, iters)
+            cell.update(settings=prepared.settings.as_dict(), record=prepared.record(), first_call_s=first,
+                        compile_s=prepared.compile_seconds if prepared.compiled else None)
+            smp = bench_sample(prepared, shape, device, fwd_batch, K, cell["seconds_per_call"]) \
+                if want("sample_default") else {"skipped": "--only"}
+            return cell, smp
+
+        out = run(f"{key}/eval_default + sample_default", compile_cost if default_compile.compile else 10,
+                  eval_and_sample)
+        if isinstance(out, tuple):
+            m["eval_default"], m["sample_default"] = out
+            if m["eval_default"].get("compile_s"):
+                compile_cost = max(30.0, 1.3 * m["eval_default"]["compile_s"])
+            if want("forward_matrix") and default_cell[1] != "off":
+                m["forward_matrix"].append({"precision": default_cell[0], "compile": default_cell[1],
+                                            "same_as": "eval_default", **m["eval_default"]})
+        else:
+            m["eval_default"] = m["sample_default"] = out
+        drop_caches(device)
+
+    # phase 2, model by model: the project's training step (compiles forward + backward on a GPU), then (d)
+    for key, (model_name, _) in models.items():
+        if want("train_project"):
             need = 2 * compile_cost if device.type == "cuda" else 20
             res["models"][key]["train_project"] = run(
                 f"{key}/train_project", need,
                 lambda model_name=model_name, key=key: bench_train_project(
                     model_name, shape, device, train_batch, warm, iters, args.tiny, work / key))
             drop_caches(device)
+        phase2_eval(key)
 
     # phase 2b: the training options that wait for evidence (DDPM model only): bf16 attention, channels_last
     if want("train_project"):

@@ -7,15 +7,17 @@
 # on it while it is warm):
 #
 #   here:      tools/gpu_session.sh bundle         # fills .gpu/ (git-ignored): weights split in two, wheels, CIFAR
-#   device 1:  carry [.gpu/part_a, .gpu/wheels]               command: bash tools/gpu_session.sh one 240
-#   device 2:  carry [.gpu/part_b, .gpu/wheels, .gpu/cifar10] command: bash tools/gpu_session.sh two 420
+#   device 1:  carry [.gpu/part_a, .gpu/wheels]               command: bash tools/gpu_session.sh one 330
+#   device 2:  carry [.gpu/part_b, .gpu/wheels, .gpu/cifar10] command: bash tools/gpu_session.sh two 390
+#   (timeout_s of each call: its budget + 30; both calls ~12 min with start-up: no room for a rerun in one
+#   session, but every step is bounded and leaves its results, so a later session reruns only what is missing)
 #   here:      tools/gpu_session.sh dry-run         # CPU rehearsal of both calls at toy sizes (~6 min on 2 cores)
 #
 # Call one: bench/bench_gpu.py (training and evaluation speed of both CIFAR-10 UNets, the forward matrix, the
-# GroupNorm+SiLU fusion check) within BUDGET seconds. Call two, in priority order, each step under a deadline from
-# BUDGET: train a short CIFAR-10 model with train.py; bench/bench_precision.py (NLL per method and K, and FID of the
-# same seeds, in fp32 / tf32 / bf16); bench/bench_fid.py features (Inception speed and FID on the CIFAR-10 reference
-# for each feature option); the GPU tests; a bf16-attention loss-curve A/B of two short training runs.
+# GroupNorm+SiLU fusion check), then the GPU tests, within BUDGET seconds. Call two, in priority order, each step
+# under a deadline from BUDGET: train a short CIFAR-10 model with train.py; bench/bench_precision.py (NLL per method
+# and K, and FID of the same seeds, in fp32 / tf32 / bf16 / bf16-attn); bench/bench_fid.py features (Inception speed
+# and FID on the CIFAR-10 reference for each feature option); a bf16-attention loss-curve A/B of two short runs.
 # Everything lands in $OUT (the device tool returns it); a step that fails or runs out of time is recorded in
 # $OUT/steps.tsv and the next step still runs. Without the first call's half of the weights (machine given back in
 # between) the FID steps are skipped and said so.
@@ -93,13 +95,15 @@ step() {
 }
 
 call_one() {
-    local budget=${1:-240}
+    local budget=${1:-330}
     DEADLINE=$(( START + budget ))
     setup_env
     if [ -f "$BUNDLE/part_a" ]; then cp "$BUNDLE/part_a" "$STAGE/part_a"; say "staged part_a of the FID weights"; fi
     local tiny=(); [ "$TINY" = 1 ] && tiny=(--tiny --compile-cpu)
-    step bench_gpu $(( budget - 15 )) "$PY" "$ROOT/bench/bench_gpu.py" "${tiny[@]}" --out "$OUT/bench_gpu.json" \
-        --budget-s $(( budget - 45 ))
+    # bench_gpu stops starting sections at its own budget; the step's limit adds room for the section in flight
+    step bench_gpu $(( budget - 70 )) "$PY" "$ROOT/bench/bench_gpu.py" "${tiny[@]}" --out "$OUT/bench_gpu.json" \
+        --budget-s $(( budget - 130 ))
+    [ "$TINY" = 1 ] || step test_gpu 70 "$PY" -m pytest -q -m gpu -p no:cacheprovider "$ROOT/tests/test_gpu.py"
 }
 
 train_short() {  # train_short RUN_DIR STEPS [overrides...]: train.py on the CIFAR-10 JPEG copy, Gamma at the end
@@ -119,7 +123,7 @@ train_short() {  # train_short RUN_DIR STEPS [overrides...]: train.py on the CIF
 }
 
 call_two() {
-    local budget=${1:-420}
+    local budget=${1:-390}
     DEADLINE=$(( START + budget ))
     setup_env
     local fid_weights="" ckpt="$STAGE/train/checkpoints/last.ckpt"
@@ -135,7 +139,7 @@ call_two() {
     [ -d "$STAGE/cifar/train" ] || "$PY" "$ROOT/tools/unpack_cifar_npz.py" "$BUNDLE/cifar10/jpeg_q75.npz" \
         "$STAGE/cifar" "${limit[@]}" || die "cannot unpack CIFAR-10"
 
-    local steps=${ADPM_TRAIN_STEPS:-1200}; [ "$TINY" = 1 ] && steps=20
+    local steps=${ADPM_TRAIN_STEPS:-1000}; [ "$TINY" = 1 ] && steps=20
     step train 200 "$0" train-short "$STAGE/train" "$steps"
     cp "$STAGE"/train/csv/*/metrics.csv "$OUT/train_metrics.csv" 2>/dev/null
     cp "$STAGE"/train/gamma/*.json "$OUT/" 2>/dev/null
@@ -161,10 +165,9 @@ call_two() {
             --budget-s $(( DEADLINE - $(date +%s) - 90 ))
     fi
 
-    [ "$TINY" = 1 ] || step test_gpu 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider "$ROOT/tests/test_gpu.py"
 
     # bf16 attention: the same short run (same seed, same data order) with the attention in fp32 and in bf16
-    local ab=$(( steps / 2 )); [ "$TINY" = 1 ] && ab=50  # the CSV has a loss every 10 steps
+    local ab=${ADPM_AB_STEPS:-300}; [ "$TINY" = 1 ] && ab=50  # the CSV has a loss every 10 steps
     step attention_a 90 "$0" train-short "$STAGE/attn_fp32" "$ab" trainer.precision=bf16-mixed \
         callbacks.gamma_calibration.at_fit_end=false && \
     step attention_b 90 "$0" train-short "$STAGE/attn_bf16" "$ab" trainer.precision=bf16-mixed \
