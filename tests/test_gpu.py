@@ -143,3 +143,47 @@ def test_training_step_does_not_synchronise():
         no_sync(module.on_train_batch_end, loss, batch, i)
     mean, count = module._read_window()
     assert count == 3 and 0 < mean < 10
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_bf16_attention_on_cuda_stays_close():
+    """attention_float32=False under bf16 autocast: SDPA's bf16 kernels (flash / memory-efficient), which also round
+    the softmax probabilities to bf16. Stated tolerance: relative L2 < 3e-2 to the float32-attention bf16 network
+    (CPU, where SDPA accumulates bf16 in float32, the two are identical)."""
+    from analytic_dpm.nets import set_attention_float32
+
+    net = _random_tiny_unet()
+    x = torch.randn(64, 3, 16, 16, device="cuda")
+    t = torch.randint(1, 1001, (64,), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = net(x, t)
+        set_attention_float32(net, False)
+        out = net(x, t)
+    set_attention_float32(net, True)
+    assert out.dtype == ref.dtype == torch.float32 and torch.isfinite(out).all()
+    assert _rel(out, ref) < 3e-2, _rel(out, ref)
+
+
+def test_inception_feature_options_on_cuda(random_inception_weights):
+    """fp32 (TF32 off), tf32, bf16 and channels_last features of the same images on CUDA: tf32 and bf16 move them a
+    little (stated tolerances: relative L2 < 1e-2 for tf32, < 5e-2 for bf16), channels_last only by rounding
+    (< 1e-4); the global TF32 switches are unchanged afterwards."""
+    from analytic_dpm import accel
+    from analytic_dpm.fid.metrics import InceptionFeatures
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8)
+    before = accel._read_tf32()
+    fp32 = InceptionFeatures(random_inception_weights, device="cuda", batch_size=8, check_hash=False)
+    ref = fp32(images)
+    for precision, tol in (("tf32", 1e-2), ("bf16", 5e-2)):
+        ext = InceptionFeatures(random_inception_weights, batch_size=8, precision=precision, check_hash=False,
+                                model=fp32.model)
+        assert _rel(ext(images), ref) < tol, precision
+    cl = InceptionFeatures(random_inception_weights, device="cuda", batch_size=8, channels_last=True,
+                           check_hash=False)
+    assert _rel(cl(images), ref) < 1e-4
+    assert accel._read_tf32() == before
