@@ -4,12 +4,15 @@
   permissions any new file of this process would get (``0o666 & ~umask``; ``mkstemp`` alone makes it owner-only),
   and renames it over the target, so a reader never sees a truncated file and a crash leaves the old one.
 * :func:`file_lock` is an exclusive advisory lock (POSIX ``lockf``, which also works on NFS, where SLURM jobs of
-  one sweep share a directory) held while a process reads, merges and rewrites a shared file.
+  one sweep share a directory) held while a process reads, merges and rewrites a shared file, or computes a cached
+  result once for every process that wants it (FID reference statistics, a pretrained model's Gamma).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import tempfile
 import time
@@ -18,6 +21,10 @@ from pathlib import Path
 from typing import IO
 
 __all__ = ["atomic_write", "atomic_write_text", "file_lock"]
+
+log = logging.getLogger(__name__)
+#: errors of a non-blocking lockf that mean "another process holds the lock" (anything else: no locking here)
+_HELD = (errno.EAGAIN, errno.EACCES)
 
 
 def _default_mode() -> int:
@@ -66,7 +73,8 @@ def file_lock(path: str | os.PathLike, timeout: float | None = 600.0, what: str 
     """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` block.
 
     Waits for another holder up to ``timeout`` seconds (None: forever), then raises ``TimeoutError`` naming the
-    file. On systems without ``fcntl`` it yields without locking.
+    file. A holder that dies releases the lock with its process. On systems without ``fcntl``, and on file systems
+    that do not support locks (``ENOLCK``, ``EOPNOTSUPP``, ...), it yields without locking, with a warning.
     """
     try:
         import fcntl
@@ -77,12 +85,19 @@ def file_lock(path: str | os.PathLike, timeout: float | None = 600.0, what: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, _default_mode())
     try:
-        start = time.monotonic()
+        start, waiting, locked = time.monotonic(), False, True
         while True:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except OSError:
+            except OSError as e:
+                if e.errno not in _HELD:
+                    log.warning("cannot lock %s (%s): going on without the lock", path, os.strerror(e.errno or 0))
+                    locked = False
+                    break
+                if not waiting:
+                    waiting = True
+                    log.info("waiting for %s: another process holds its lock", what or path)
                 if timeout is not None and time.monotonic() - start > timeout:
                     raise TimeoutError(
                         f"{what or path} is locked by another process for more than {timeout:.0f} s "
@@ -92,6 +107,7 @@ def file_lock(path: str | os.PathLike, timeout: float | None = 600.0, what: str 
         try:
             yield
         finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN)
+            if locked:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

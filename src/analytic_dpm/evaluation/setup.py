@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..files import file_lock
 from ..gamma import estimate_gamma, gamma_warnings, read_gamma_vector
 from ..identity import digest_json, digest_state_dict, digest_tensor, short
 from ..oracles import GaussianMixtureOracle, GaussianOracle
@@ -29,6 +30,9 @@ from .grid import EvalContext, FidContext
 from .settings import EvalSettings, SettingsError
 
 log = logging.getLogger(__name__)
+#: how long a process waits for another one calibrating the same pretrained model's Gamma (a holder that dies
+#: releases the lock at once)
+GAMMA_LOCK_TIMEOUT_S = 4 * 3600.0
 
 
 class UserError(Exception):
@@ -269,13 +273,16 @@ def cached_gamma(eps_model, schedule, datamodule, s: EvalSettings, device, model
     if label != "fp32":  # (absent at fp32: Gamma cached before precisions existed stays valid)
         key["precision"] = label
     path = Path(s.gamma_cache).expanduser() / f"gamma-{short(digest_json(key))}.pt" if s.gamma_cache else None
-    if path is not None and path.is_file() and not s.recalibrate:
-        log.info("Gamma from the cache %s", path)
-        return load_gamma_file(path, schedule.N), M
-    gamma = _calibrate(eps_model, schedule, datamodule, s, device)
-    if path is not None:
+    if path is None:
+        return _calibrate(eps_model, schedule, datamodule, s, device), M
+    # one process calibrates, the others (DDP ranks started by srun, shard jobs) wait and then read its file
+    with file_lock(path.with_name(path.name + ".lock"), timeout=GAMMA_LOCK_TIMEOUT_S, what=f"the Gamma cache {path}"):
+        if path.is_file() and not s.recalibrate:
+            log.info("Gamma from the cache %s", path)
+            return load_gamma_file(path, schedule.N), M
+        gamma = _calibrate(eps_model, schedule, datamodule, s, device)
         save_gamma_file(path, gamma, M=M, key=json.loads(json.dumps(key, default=str)))
-        log.info("Gamma (M=%d) cached in %s", M, path)
+    log.info("Gamma (M=%d) cached in %s", M, path)
     return gamma, M
 
 

@@ -19,7 +19,6 @@ import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..accel import PRECISIONS, precision_scope
+from ..files import atomic_write, file_lock
 from .inception_weights import (
     DEFAULT_WEIGHTS_PATH,
     FEATURE_DIM,
@@ -39,6 +39,9 @@ STATS_FORMAT = "analytic_dpm.fid.FeatureStats/1"
 FEATURE_LAYER = "2048"
 #: Identifies torch-fidelity's own download (``weights_path=None``) in cache metadata.
 TORCH_FIDELITY_DEFAULT_WEIGHTS = "torch-fidelity:weights-inception-2015-12-05-6726825d.pth"
+#: how long a process waits for another one computing the same cached reference statistics (50k images on a CPU
+#: take about an hour); a holder that dies releases the lock at once
+REFERENCE_LOCK_TIMEOUT_S = 4 * 3600.0
 #: Numeric precisions of the Inception forward (:class:`InceptionFeatures`); fp32 (TF32 off) is the default.
 FEATURE_PRECISIONS = PRECISIONS
 
@@ -374,18 +377,10 @@ class FeatureStats:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``mu``, ``sigma``, ``count`` and JSON ``metadata`` to an ``.npz`` (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:  # a file object: numpy does not append ".npz"
-            np.savez(
-                f,
-                mu=self.mean,
-                sigma=self.cov,
-                count=np.int64(self._count),
-                metadata=np.array(json.dumps(self.metadata, sort_keys=True)),
-            )
-        os.replace(tmp, path)
+        arrays = {"mu": self.mean, "sigma": self.cov, "count": np.int64(self._count),
+                  "metadata": np.array(json.dumps(self.metadata, sort_keys=True))}
+        # a file object: numpy does not append ".npz"; a temporary file of its own, so writers never collide
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:
@@ -532,20 +527,31 @@ def reference_stats(
         "num_images": int(images.shape[0]) if is_array else None,
     }
 
-    if cache_path is not None and os.path.exists(cache_path):
-        try:
-            cached = FeatureStats.load(cache_path)
-        except Exception as e:  # noqa: BLE001 - a corrupt cache is recomputed
-            warnings.warn(f"cannot read reference statistics {cache_path} ({e!r}); recomputing", stacklevel=2)
-        else:
-            problems = _metadata_mismatch(cached.metadata, wanted)
-            if not problems:
-                return cached
-            warnings.warn(
-                f"reference statistics {cache_path} do not match ({'; '.join(problems)}); recomputing",
-                stacklevel=2,
-            )
+    if cache_path is None:
+        return _compute_reference(images, features, weights_path, device, batch_size, wanted, is_array, progress)
+    # one process computes, the others (DDP ranks started by srun, shard jobs) wait and then read its file
+    with file_lock(f"{os.fspath(cache_path)}.lock", timeout=REFERENCE_LOCK_TIMEOUT_S,
+                   what=f"the FID reference statistics {cache_path}"):
+        if os.path.exists(cache_path):
+            try:
+                cached = FeatureStats.load(cache_path)
+            except Exception as e:  # noqa: BLE001 - a corrupt cache is recomputed
+                warnings.warn(f"cannot read reference statistics {cache_path} ({e!r}); recomputing", stacklevel=2)
+            else:
+                problems = _metadata_mismatch(cached.metadata, wanted)
+                if not problems:
+                    return cached
+                warnings.warn(
+                    f"reference statistics {cache_path} do not match ({'; '.join(problems)}); recomputing",
+                    stacklevel=2,
+                )
+        stats = _compute_reference(images, features, weights_path, device, batch_size, wanted, is_array, progress)
+        stats.save(cache_path)
+    return stats
 
+
+def _compute_reference(images, features, weights_path, device, batch_size, wanted, is_array, progress
+                       ) -> FeatureStats:
     if features is None:
         features = InceptionFeatures(weights_path, device=device, batch_size=batch_size)
     stats = FeatureStats()
@@ -555,8 +561,6 @@ def reference_stats(
             stats.update(features(batch))
             bar.update(batch.shape[0])
     stats.metadata = {**wanted, "num_images": stats.count}
-    if cache_path is not None:
-        stats.save(cache_path)
     return stats
 
 
