@@ -24,6 +24,7 @@
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SELF=(bash "$ROOT/tools/gpu_session.sh")          # (the copy on the device may lack the executable bit)
 BUNDLE=${ADPM_GPU_BUNDLE:-$ROOT/.gpu}
 STAGE=${ADPM_GPU_STAGE:-/tmp/adpm_gpu}          # outside the checkout: survives between calls while warm
 OUT=${OUT:-$ROOT/outputs/gpu_session}
@@ -60,7 +61,7 @@ setup_env() {
     mkdir -p "$OUT" "$STAGE"
     if ! "$PY" -c "import hydra, omegaconf, torch_fidelity" 2>/dev/null; then
         ls "$BUNDLE"/wheels/*.whl >/dev/null 2>&1 || die "hydra/torch-fidelity missing and no wheels in $BUNDLE/wheels"
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$STAGE/site" "$BUNDLE"/wheels/*.whl \
+        "$PY" -m pip install -q --upgrade --no-index --no-deps --no-compile --target "$STAGE/site" "$BUNDLE"/wheels/*.whl \
             || die "installing the wheels failed"
         export PYTHONPATH="$STAGE/site:${PYTHONPATH:-}"
     fi
@@ -140,7 +141,7 @@ call_two() {
         "$STAGE/cifar" "${limit[@]}" || die "cannot unpack CIFAR-10"
 
     local steps=${ADPM_TRAIN_STEPS:-1000}; [ "$TINY" = 1 ] && steps=20
-    step train 200 "$0" train-short "$STAGE/train" "$steps"
+    step train 200 "${SELF[@]}" train-short "$STAGE/train" "$steps"
     cp "$STAGE"/train/csv/*/metrics.csv "$OUT/train_metrics.csv" 2>/dev/null
     cp "$STAGE"/train/gamma/*.json "$OUT/" 2>/dev/null
 
@@ -168,9 +169,9 @@ call_two() {
 
     # bf16 attention: the same short run (same seed, same data order) with the attention in fp32 and in bf16
     local ab=${ADPM_AB_STEPS:-300}; [ "$TINY" = 1 ] && ab=50  # the CSV has a loss every 10 steps
-    step attention_a 90 "$0" train-short "$STAGE/attn_fp32" "$ab" trainer.precision=bf16-mixed \
+    step attention_a 90 "${SELF[@]}" train-short "$STAGE/attn_fp32" "$ab" trainer.precision=bf16-mixed \
         callbacks.gamma_calibration.at_fit_end=false && \
-    step attention_b 90 "$0" train-short "$STAGE/attn_bf16" "$ab" trainer.precision=bf16-mixed \
+    step attention_b 90 "${SELF[@]}" train-short "$STAGE/attn_bf16" "$ab" trainer.precision=bf16-mixed \
         callbacks.gamma_calibration.at_fit_end=false module.attention_float32=false && \
     step attention_ab 30 "$PY" "$ROOT/tools/compare_loss_curves.py" "$STAGE"/attn_fp32/csv/*/metrics.csv \
         "$STAGE"/attn_bf16/csv/*/metrics.csv --labels "attention fp32,attention bf16" --out "$OUT/attention_ab.json"
@@ -186,7 +187,7 @@ case "${1:-help}" in
         # both calls on this machine at toy sizes, with a bundle in a scratch folder: checks the plumbing only
         scratch=$(mktemp -d)
         export ADPM_GPU_BUNDLE=$scratch/bundle ADPM_GPU_STAGE=$scratch/stage OUT=${OUT_DRY:-$scratch/out} ADPM_GPU_TINY=1
-        "$0" bundle && "$0" one 200 && "$0" two 600
+        "${SELF[@]}" bundle && "${SELF[@]}" one 200 && "${SELF[@]}" two 600
         rc=$?
         echo "dry run: rc=$rc, results in $OUT" >&2; cat "$OUT/steps.tsv" >&2
         exit $rc ;;
