@@ -150,6 +150,8 @@ def test_options_id_and_name():
     assert InceptionFeatures(None, model=_Tiny(), precision="tf32", allow_tf32=True).precision == "tf32"
     with pytest.raises(ValueError, match="allow_tf32"):
         InceptionFeatures(None, model=_Tiny(), precision="bf16", allow_tf32=True)
+    with pytest.raises(ValueError, match="allow_tf32"):  # an explicit fp32 is told apart from the default
+        InceptionFeatures(None, model=_Tiny(), precision="fp32", allow_tf32=True)
     with pytest.raises(ValueError, match="fp32.*tf32.*bf16"):
         InceptionFeatures(None, model=_Tiny(), precision="fp16")
     with pytest.raises(ValueError, match="channels_last"):

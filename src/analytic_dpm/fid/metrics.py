@@ -169,15 +169,15 @@ def _check_precision(precision: str) -> str:
     return precision
 
 
-def _resolve_precision(precision: str, allow_tf32: bool) -> str:
-    """``precision`` checked, with the older ``allow_tf32=True`` read as ``"tf32"``."""
-    precision = _check_precision(precision)
+def _resolve_precision(precision: str | None, allow_tf32: bool) -> str:
+    """``precision`` checked (None: fp32), with the older ``allow_tf32=True`` read as ``"tf32"``; a precision other
+    than tf32 given together with ``allow_tf32=True`` is a contradiction, refused."""
     if not allow_tf32:
-        return precision
-    if precision == "bf16":
+        return _check_precision("fp32" if precision is None else precision)
+    if precision not in (None, "tf32"):
         raise ValueError(
-            "InceptionFeatures: allow_tf32=True asks for TF32 but precision='bf16' for bfloat16 autocast; pass only "
-            "one of them (allow_tf32=True is the older spelling of precision='tf32')"
+            f"InceptionFeatures: allow_tf32=True asks for TF32 but precision={precision!r} for something else; pass "
+            "only one of them (allow_tf32=True is the older spelling of precision='tf32')"
         )
     return "tf32"
 
@@ -195,7 +195,7 @@ class InceptionFeatures:
 
     Speed options (``bench/bench_fid.py features`` measures their speed and their effect on FID):
 
-    - ``precision="fp32"`` (default): float32 with TF32 off on CUDA, so features are full fp32 like the
+    - ``precision="fp32"`` (the default, None): float32 with TF32 off on CUDA, so features are full fp32 like the
       TensorFlow reference. ``"tf32"``: TF32 convolutions and matmuls on CUDA (identical to fp32 on a CPU).
       ``"bf16"``: ``torch.autocast(device_type, torch.bfloat16)`` around the network call (cuda and cpu only);
       the weights stay float32. The TF32 switches and the autocast state are set for each call and restored
@@ -218,7 +218,7 @@ class InceptionFeatures:
         device: str | torch.device = "cpu",
         batch_size: int = 64,
         *,
-        precision: str = "fp32",
+        precision: str | None = None,
         channels_last: bool = False,
         allow_tf32: bool = False,
         check_hash: bool = True,

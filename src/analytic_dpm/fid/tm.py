@@ -123,7 +123,7 @@ class InceptionFID(FrechetInceptionDistance):
         weights_path: str | os.PathLike | None = DEFAULT_WEIGHTS_PATH,
         *,
         batch_size: int = 64,
-        precision: str = "fp32",
+        precision: str | None = None,
         channels_last: bool = False,
         allow_tf32: bool = False,
         check_hash: bool = True,
