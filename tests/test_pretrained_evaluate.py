@@ -19,8 +19,8 @@ from analytic_dpm.training import calibrate as calibrate_cli
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "pretrained" / "improved_diffusion" / "tiny_learn_sigma.pt"
 FLAGS = {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "num_heads": 4, "num_heads_upsample": 2,
-         "attention_resolutions": "16,8", "dropout": 0.1, "learn_sigma": True, "diffusion_steps": 2000,
-         "noise_schedule": "cosine"}
+         "attention_resolutions": "16,8", "dropout": 0.1, "learn_sigma": True, "diffusion_steps": 200,
+         "noise_schedule": "cosine"}  # (the fixture was made with 2000 steps; 200 keeps Gamma's N*M calls cheap)
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +67,7 @@ def test_evaluate_pretrained_nll_fid_and_gamma_cache(tmp_path, image_folder, ran
     by = {r["method"]: r for r in rows}
     assert set(by) == {"ddpm_beta", "analytic_ddpm"}
     for r in rows:
-        assert math.isfinite(r["nll_bpd"]) and math.isfinite(r["fid"]) and r["N"] == 2000 and r["gamma_M"] == 1
+        assert math.isfinite(r["nll_bpd"]) and math.isfinite(r["fid"]) and r["N"] == 200 and r["gamma_M"] == 1
         assert r["num_nll_images"] == 4 and r["num_fid_samples"] == 4 and r["schedule"]
     assert by["analytic_ddpm"]["nll_bpd"] != by["ddpm_beta"]["nll_bpd"]
     cached = list((tmp_path / "gamma_cache").glob("gamma-*.pt"))
@@ -103,7 +103,7 @@ def test_calibrate_cli_writes_a_gamma_file_that_evaluate_reads(tmp_path, image_f
     argv += [a for k, v in FLAGS.items() for a in ("--option", f"{k}={v}")]
     assert calibrate_cli.main(argv) == 0, capsys.readouterr().err
     saved = torch.load(out, weights_only=True)
-    assert saved["gamma"].shape == (2001,) and saved["M"] == 1 and saved["model"]["kind"]
+    assert saved["gamma"].shape == (201,) and saved["M"] == 1 and saved["model"]["kind"]
     rows = evaluate(cfg(tmp_path / "run", image_folder, "eval.metrics=[nll]", f"eval.gamma_path={out}"))
     assert all(math.isfinite(r["nll_bpd"]) for r in rows) and all(r["gamma_M"] is None for r in rows)
     assert not (tmp_path / "gamma_cache").exists()  # the given file was used, nothing calibrated
