@@ -122,13 +122,13 @@ def calibrate_pretrained(args) -> int:
 
 def _precision(args) -> str:
     """``--precision``, with ``--autocast bf16`` as its older spelling; SystemExit(2) if they disagree."""
-    if args.autocast == "bf16":
-        if args.precision not in (None, "bf16"):
-            print(f"error: --autocast bf16 and --precision {args.precision} disagree: pass --precision only",
-                  file=sys.stderr)
-            raise SystemExit(2)
-        return "bf16"
-    return args.precision or "fp32"
+    from .checkpoint import calibration_precision
+
+    try:
+        return calibration_precision(args.precision, args.autocast)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(argv: list[str] | None = None) -> int:

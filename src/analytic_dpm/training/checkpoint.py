@@ -213,6 +213,18 @@ def _atomic_save(obj: Any, out: Path) -> None:
     atomic_write(out, lambda fh: torch.save(obj, fh))
 
 
+def calibration_precision(precision: str | None, autocast: str | None = None) -> str:
+    """The network precision of a calibration: ``precision`` (None: fp32), with ``autocast="bf16"`` as the older
+    spelling of ``precision="bf16"``; ``ValueError`` when the two disagree."""
+    if autocast not in (None, "none", "bf16"):
+        raise ValueError(f"autocast must be None or 'bf16', got {autocast!r}")
+    if autocast != "bf16":
+        return precision or "fp32"
+    if precision not in (None, "bf16"):
+        raise ValueError(f"autocast='bf16' and precision={precision!r} disagree: pass precision only")
+    return "bf16"
+
+
 def calibrate_checkpoint(
     path: str | os.PathLike,
     out_path: str | os.PathLike | None = None,
@@ -225,7 +237,7 @@ def calibrate_checkpoint(
     autocast: str | None = None,
     data_overrides: Mapping[str, Any] | None = None,
     progress: bool = True,
-    precision: str = "fp32",
+    precision: str | None = None,
     compile: bool | str = False,
 ) -> LoadedCheckpoint:
     """Estimate Gamma for a checkpoint with its EMA weights and write it into the checkpoint.
@@ -237,7 +249,7 @@ def calibrate_checkpoint(
             (``data_overrides`` replaces keys, e.g. ``{"root": "/new/data"}``).
         device: default CUDA when available.
         precision, compile: the network's speed options (:func:`analytic_dpm.accel.prepare_eps_model`): ``"fp32"``
-            (TF32 off; the default), ``"tf32"`` or ``"bf16"``; ``compile`` True / False / ``"auto"`` (CUDA only).
+            (TF32 off; the default, None), ``"tf32"`` or ``"bf16"``; ``compile`` True / False / ``"auto"`` (CUDA only).
             ``autocast="bf16"`` is the older spelling of ``precision="bf16"``.
     Returns the :class:`LoadedCheckpoint` of the written file (model on ``device``).
     """
@@ -251,12 +263,7 @@ def calibrate_checkpoint(
         if not isinstance(hp.get("data"), Mapping):
             raise ValueError(f"{p}: hyper_parameters has no 'data' section; pass a datamodule")
         datamodule = build_datamodule(hp["data"], **dict(data_overrides or {}))
-    if autocast not in (None, "none", "bf16"):
-        raise ValueError(f"autocast must be None or 'bf16', got {autocast!r}")
-    if autocast == "bf16":
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"autocast='bf16' and precision={precision!r} disagree: pass precision only")
-        precision = "bf16"
+    precision = calibration_precision(precision, autocast)
     from ..accel import prepare_eps_model
 
     network = prepare_eps_model(model.eval(), precision=precision, compile=compile, device=dev,
