@@ -368,6 +368,7 @@ class Bench:
     nll: dict[str, dict[tuple[str, int], torch.Tensor]] = field(default_factory=dict)  # precision -> per image bpd
     fid: dict[tuple[str, int], float] = field(default_factory=dict)  # (precision, seed) -> FID
     first_batch: dict[str, torch.Tensor] = field(default_factory=dict)  # precision -> seed-0 first block (CPU)
+    reference_cache: Path | None = None  # reference_cache_file's answer, once computed
 
     @property
     def schedule(self):
@@ -411,7 +412,7 @@ def eval_settings(args: argparse.Namespace, device: torch.device):
 
 def load_bench(args: argparse.Namespace, device: torch.device, budget: Budget) -> Bench:
     """Checkpoint, data, Gamma and evaluate.py's context, as ``evaluate.py ckpt_path=...`` builds them."""
-    from analytic_dpm.evaluation.setup import UserError, _calibrate, _datamodule, _network_context
+    from analytic_dpm.evaluation.setup import UserError, calibrate_for_eval, eval_datamodule, network_context
     from analytic_dpm.identity import digest_json, digest_state_dict, digest_tensor, short
     from analytic_dpm.training import load_checkpoint
 
@@ -425,7 +426,7 @@ def load_bench(args: argparse.Namespace, device: torch.device, budget: Budget) -
     if not isinstance(stored, Mapping):
         raise UserError(f"{ck.path} has no data config (hyper_parameters.data); this bench needs the training data")
     overrides = dict(args.data_override)
-    datamodule, data_cfg = _datamodule(None, f"{ck.path}: hyper_parameters.data", {**stored, **overrides})
+    datamodule, data_cfg = eval_datamodule(None, f"{ck.path}: hyper_parameters.data", {**stored, **overrides})
 
     gamma, gamma_M = ck.gamma, ck.gamma_meta.get("M")
     gamma_source = "checkpoint"
@@ -433,11 +434,11 @@ def load_bench(args: argparse.Namespace, device: torch.device, budget: Budget) -
         log(budget, f"{ck.path} holds no Gamma: calibrating it here with M = {args.calibration_M} draws per timestep "
                     f"on the training split, fp32 ({args.calibration_M * ck.schedule.N} network evaluations)")
         fp32 = accel.prepare_eps_model(ck.model, precision="fp32", compile=False, device=device)
-        gamma = _calibrate(fp32, ck.schedule, datamodule, settings, device)  # evaluate's eval.recalibrate path
+        gamma = calibrate_for_eval(fp32, ck.schedule, datamodule, settings, device)  # evaluate's eval.recalibrate path
         gamma_M, gamma_source = args.calibration_M, "calibrated by bench_precision (the checkpoint has none)"
     model_id = short(digest_json({"weights": digest_state_dict(ck.model), "model": ck.hparams.get("model"),
                                   "schedule": digest_tensor(ck.schedule.betas)}))  # evaluate.py's model_id
-    ctx = _network_context(dataclasses.replace(settings, metrics=("nll",)), device, eps_model=ck.model,
+    ctx = network_context(dataclasses.replace(settings, metrics=("nll",)), device, eps_model=ck.model,
                            schedule=ck.schedule, gamma=gamma, gamma_M=gamma_M, datamodule=datamodule,
                            data_cfg=data_cfg, model_id=model_id, model_step=ck.gamma_meta.get("checkpoint_step"))
     meta = {
@@ -486,9 +487,9 @@ def run_nll(b: Bench, precision: str) -> dict[str, Any]:
 
 def run_fid_reference(b: Bench) -> dict[str, Any]:
     """evaluate.py's FID metric with the training split's statistics (computed once, cached)."""
-    from analytic_dpm.evaluation.setup import _fid_context
+    from analytic_dpm.evaluation.setup import fid_context
 
-    fid_ctx = _fid_context(b.settings, b.datamodule, b.device)
+    fid_ctx = fid_context(b.settings, b.datamodule, b.device)
     if fid_ctx is None:
         raise RuntimeError(f"no Inception weights at {b.settings.fid.weights_path} (make fid-weights)")
     b.metric = fid_ctx.metric
@@ -533,10 +534,15 @@ def run_fid(b: Bench, precision: str, seed: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- estimates
 def reference_cache_file(b: Bench) -> Path:
-    """Where evaluate.py's ``_fid_context`` caches the reference statistics (same name rule), to size that part."""
-    a, dm = b.args, b.datamodule
-    n_ref = min(a.reference_images, dm.num_train) if a.reference_images else dm.num_train
-    return Path(a.reference_cache).expanduser() / f"{getattr(dm, 'name', 'data')}_train_{n_ref}.npz"
+    """Where evaluate.py's ``fid_context`` caches the reference statistics (its own rule), to size that part."""
+    if b.reference_cache is None:
+        from analytic_dpm.evaluation.setup import reference_cache_path, reference_images
+        from analytic_dpm.fid import data_fingerprint
+
+        images = reference_images(b.settings, b.datamodule)
+        b.reference_cache = reference_cache_path(b.settings.fid.reference_cache, getattr(b.datamodule, "name", "data"),
+                                                 data_fingerprint(images), len(images))
+    return b.reference_cache
 
 
 class Rates:

@@ -203,12 +203,12 @@ def test_checkpoint_without_gamma_says_how_to_calibrate(tmp_path, tiny_ckpt):
 
 
 def test_missing_fid_weights_is_a_clear_error(tmp_path):
-    from analytic_dpm.evaluation.setup import _fid_context
+    from analytic_dpm.evaluation.setup import fid_context
 
     def settings(*overrides):
         return EvalSettings.from_config(_cfg(tmp_path, *overrides).eval)
 
     with pytest.raises(UserError, match="make fid-weights"):
-        _fid_context(settings("eval.fid.weights_path=/nowhere/inception.pth"), None, torch.device("cpu"))
+        fid_context(settings("eval.fid.weights_path=/nowhere/inception.pth"), None, torch.device("cpu"))
     s = settings("eval.fid.weights_path=/nowhere/inception.pth", "eval.fid.skip_if_missing_weights=true")
-    assert _fid_context(s, None, torch.device("cpu")) is None
+    assert fid_context(s, None, torch.device("cpu")) is None

@@ -13,6 +13,7 @@ import io
 import json
 import sys
 import warnings
+from unittest import mock
 from pathlib import Path
 
 import numpy as np
@@ -214,7 +215,7 @@ def test_settings_parse_and_refuse():
 
 
 class _Data:
-    """The part of a datamodule that ``_fid_context`` reads."""
+    """The part of a datamodule that ``fid_context`` reads."""
 
     name = "tiny"
 
@@ -228,25 +229,60 @@ class _Data:
 def test_fid_identity_unchanged_at_defaults(feats, tmp_path):
     """Defaults: the FID identity (hashed into fid_id) and the reference cache's file name are exactly what they were
     before the options existed. Other options add ``feature_options`` and get a cache file of their own."""
-    from analytic_dpm.evaluation.setup import _fid_context
+    from analytic_dpm.evaluation.setup import fid_context
 
     data = _Data(feats["x"][:2])
 
     def context(**options):
         s = _settings(weights_path=str(feats["weights"]), reference_cache=str(tmp_path), **options)
-        return _quiet(_fid_context, s, data, torch.device("cpu"))
+        return _quiet(fid_context, s, data, torch.device("cpu"))
 
     default, bf16 = context(), context(feature_precision="bf16", channels_last=True)
     assert default.metric.extractor_name == DEFAULT_NAME and default.metric.options_id == ""
     assert default.identity == {"weights": default.metric.weights_id,
                                 "reference": {"fingerprint": default.identity["reference"]["fingerprint"],
                                               "num_images": 2, "weights": default.metric.weights_id}}
-    assert Path(default.reference_path).name == "tiny_train_2.npz"
+    digest = default.identity["reference"]["fingerprint"].split(":")[1][:10]
+    assert Path(default.reference_path).name == f"tiny_train_2_{digest}.npz"
     assert FeatureStats.load(default.reference_path).metadata["feature_extractor"] == DEFAULT_NAME
     assert bf16.identity == {**default.identity, "feature_options": "bf16+cl"}
     assert short(digest_json(bf16.identity)) != short(digest_json(default.identity))
-    assert Path(bf16.reference_path).name == "tiny_train_2_bf16+cl.npz"
+    assert Path(bf16.reference_path).name == f"tiny_train_2_{digest}_bf16+cl.npz"
     assert bf16.metric.features.precision == "bf16" and bf16.metric.features.channels_last
+
+
+def test_reference_cache_named_by_the_images(feats, tmp_path):
+    """Two datasets of the same name and size (two image folders) get cache files of their own, so neither
+    recomputes at every run; a cache written under the name without the digest is reused for the same images
+    (kept under its old name too) and left alone for other images."""
+    from analytic_dpm.evaluation.setup import fid_context, reference_cache_path
+
+    x = feats["x"]
+    a, b = _Data(x[:2]), _Data(x[1:3])
+    s = _settings(weights_path=str(feats["weights"]), reference_cache=str(tmp_path))
+    ctx_a = _quiet(fid_context, s, a, torch.device("cpu"))
+    ctx_b = _quiet(fid_context, s, b, torch.device("cpu"))
+    assert ctx_a.reference_path != ctx_b.reference_path
+    assert len(list(tmp_path.glob("tiny_train_2_*.npz"))) == 2
+    fingerprint_a = ctx_a.identity["reference"]["fingerprint"]
+    assert FeatureStats.load(ctx_a.reference_path).metadata["fingerprint"] == fingerprint_a
+    # b's statistics again: read from its own file (the Inception does not run)
+    with mock.patch.object(type(ctx_b.metric.features), "__call__", side_effect=AssertionError("recomputed")):
+        again = _quiet(fid_context, s, b, torch.device("cpu"))
+    assert again.identity == ctx_b.identity
+
+    legacy_dir = tmp_path / "legacy"
+    legacy = reference_cache_path(legacy_dir, "tiny", None, 2)
+    assert legacy.name == "tiny_train_2.npz"
+    Path(ctx_a.reference_path).rename(legacy)  # a's statistics under the old name
+    s_legacy = _settings(weights_path=str(feats["weights"]), reference_cache=str(legacy_dir))
+    with mock.patch.object(type(ctx_a.metric.features), "__call__", side_effect=AssertionError("recomputed")):
+        reused = _quiet(fid_context, s_legacy, a, torch.device("cpu"))
+    assert Path(reused.reference_path).name == Path(ctx_a.reference_path).name and legacy.is_file()
+    assert reused.identity == ctx_a.identity
+    other = _quiet(fid_context, s_legacy, b, torch.device("cpu"))  # other images: computed, old file untouched
+    assert other.identity == ctx_b.identity
+    assert FeatureStats.load(legacy).metadata["fingerprint"] == fingerprint_a
 
 
 # ------------------------------------------------------------------------------------------- benchmark

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..files import file_lock
+from ..files import atomic_write, file_lock
 from ..gamma import estimate_gamma, gamma_warnings, read_gamma_vector
 from ..identity import digest_json, digest_state_dict, digest_tensor, short
 from ..oracles import GaussianMixtureOracle, GaussianOracle
@@ -148,7 +148,7 @@ def _oracle_context(cfg, s: EvalSettings) -> EvalContext:
     )
 
 
-def _datamodule(cfg, where: str, data_cfg=None):
+def eval_datamodule(cfg, where: str, data_cfg=None):
     """The datamodule of ``data_cfg`` (read from a file) or of ``cfg.data`` (the command line), via the allow list."""
     from omegaconf import OmegaConf
 
@@ -165,7 +165,7 @@ def _datamodule(cfg, where: str, data_cfg=None):
     return dm, data_cfg
 
 
-def _network_context(s: EvalSettings, device, *, eps_model, schedule, gamma, gamma_M, datamodule, data_cfg,
+def network_context(s: EvalSettings, device, *, eps_model, schedule, gamma, gamma_M, datamodule, data_cfg,
                      model_id: str, model_step) -> EvalContext:
     """The context of a network (checkpoint or pretrained) evaluated on a datamodule."""
     from ..data import to_model_space
@@ -192,11 +192,11 @@ def _network_context(s: EvalSettings, device, *, eps_model, schedule, gamma, gam
         is_image=images, nll_options=nll_options, identity=identity,
     )
     if "fid" in s.metrics and images:
-        ctx.fid = _fid_context(s, datamodule, device)
+        ctx.fid = fid_context(s, datamodule, device)
     return ctx
 
 
-def _calibrate(eps_model, schedule, datamodule, s: EvalSettings, device) -> torch.Tensor:
+def calibrate_for_eval(eps_model, schedule, datamodule, s: EvalSettings, device) -> torch.Tensor:
     """Gamma with M = eval.calibration.num_samples, the network at eval.precision / eval.compile (like the grid's)."""
     from ..accel import prepare_eps_model
 
@@ -222,7 +222,7 @@ def _checkpoint_context(cfg, s: EvalSettings, device: torch.device) -> EvalConte
     stored = None if cfg.get("data") else ck.hparams.get("data")
     if not cfg.get("data") and not stored:
         raise UserError("the checkpoint has no data config: pass data=<name> (and its paths)")
-    datamodule, data_cfg = _datamodule(cfg, f"{ck.path}: hyper_parameters.data", stored)
+    datamodule, data_cfg = eval_datamodule(cfg, f"{ck.path}: hyper_parameters.data", stored)
 
     gamma, gamma_M = ck.gamma, ck.gamma_meta.get("M")
     if s.gamma_path:
@@ -233,10 +233,10 @@ def _checkpoint_context(cfg, s: EvalSettings, device: torch.device) -> EvalConte
                 f"{ck.path} holds no Gamma. Calibrate it first:\n    {ck.calibrate_command}\n"
                 "or rerun with eval.recalibrate=true (or eval.gamma_path=FILE)."
             )
-        gamma, gamma_M = _calibrate(ck.model, schedule, datamodule, s, device), s.calibration.num_samples
+        gamma, gamma_M = calibrate_for_eval(ck.model, schedule, datamodule, s, device), s.calibration.num_samples
     model_id = short(digest_json({"weights": digest_state_dict(ck.model), "model": ck.hparams.get("model"),
                                   "schedule": digest_tensor(schedule.betas)}))
-    return _network_context(s, device, eps_model=ck.model, schedule=schedule, gamma=gamma, gamma_M=gamma_M,
+    return network_context(s, device, eps_model=ck.model, schedule=schedule, gamma=gamma, gamma_M=gamma_M,
                             datamodule=datamodule, data_cfg=data_cfg, model_id=model_id,
                             model_step=ck.gamma_meta.get("checkpoint_step"))
 
@@ -274,13 +274,13 @@ def cached_gamma(eps_model, schedule, datamodule, s: EvalSettings, device, model
         key["precision"] = label
     path = Path(s.gamma_cache).expanduser() / f"gamma-{short(digest_json(key))}.pt" if s.gamma_cache else None
     if path is None:
-        return _calibrate(eps_model, schedule, datamodule, s, device), M
+        return calibrate_for_eval(eps_model, schedule, datamodule, s, device), M
     # one process calibrates, the others (DDP ranks started by srun, shard jobs) wait and then read its file
     with file_lock(path.with_name(path.name + ".lock"), timeout=GAMMA_LOCK_TIMEOUT_S, what=f"the Gamma cache {path}"):
         if path.is_file() and not s.recalibrate:
             log.info("Gamma from the cache %s", path)
             return load_gamma_file(path, schedule.N), M
-        gamma = _calibrate(eps_model, schedule, datamodule, s, device)
+        gamma = calibrate_for_eval(eps_model, schedule, datamodule, s, device)
         save_gamma_file(path, gamma, M=M, key=json.loads(json.dumps(key, default=str)))
     log.info("Gamma (M=%d) cached in %s", M, path)
     return gamma, M
@@ -295,7 +295,7 @@ def _pretrained_context(cfg, s: EvalSettings, device: torch.device) -> EvalConte
     m = load_pretrained(cfg.pretrained, device)
     s.check_against(m.schedule.N)
     apply_attention_setting(m.eps_model, s)
-    datamodule, data_cfg = _datamodule(cfg, "data")
+    datamodule, data_cfg = eval_datamodule(cfg, "data")
     if (datamodule.channels, datamodule.image_size) != (m.channels, m.image_size):
         got = f"{datamodule.channels}x{datamodule.image_size}x{datamodule.image_size}"
         raise UserError(
@@ -304,14 +304,14 @@ def _pretrained_context(cfg, s: EvalSettings, device: torch.device) -> EvalConte
         )
     gamma, gamma_M = cached_gamma(m.eps_model, m.schedule, datamodule, s, device, m.identity)
     model_id = short(digest_json({"pretrained": m.identity}))
-    return _network_context(s, device, eps_model=m.eps_model, schedule=m.schedule, gamma=gamma, gamma_M=gamma_M,
+    return network_context(s, device, eps_model=m.eps_model, schedule=m.schedule, gamma=gamma, gamma_M=gamma_M,
                             datamodule=datamodule, data_cfg=data_cfg, model_id=model_id, model_step=None)
 
 
-def _fid_context(s: EvalSettings, datamodule, device) -> FidContext | None:
+def fid_context(s: EvalSettings, datamodule, device) -> FidContext | None:
     """torchmetrics' FID (:class:`~analytic_dpm.fid.InceptionFID`) with the reference statistics loaded: the
     user's pytorch-fid ``.npz`` (``eval.fid.reference_stats``) or the training split's, computed once and cached."""
-    from ..fid import InceptionFID
+    from ..fid import InceptionFID, data_fingerprint
     from ..pretrained import file_sha256
     from .shards import pytorch_fid_stats
 
@@ -346,20 +346,67 @@ def _fid_context(s: EvalSettings, datamodule, device) -> FidContext | None:
         identity = {"weights": metric.weights_id, "reference": {"file": file_sha256(path)}}
         return FidContext(metric=metric, reference_path=str(path.resolve()),
                           identity=_with_feature_options(identity, metric))
-    # a subset is drawn with a fixed generator: the same images in every process, run and seed (cache key)
-    ref_images = datamodule.train_pool(f.reference_images, generator=torch.Generator().manual_seed(0)) \
-        if f.reference_images is not None else datamodule.train_pool(None)
+    ref_images = reference_images(s, datamodule)
+    fingerprint = data_fingerprint(ref_images)
     cache = None
     if f.reference_cache:
-        cache_dir = Path(f.reference_cache).expanduser()
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        options = f"_{metric.options_id}" if metric.options_id else ""  # e.g. _bf16: kept beside the fp32 one
-        cache = cache_dir / f"{getattr(datamodule, 'name', 'data')}_train_{len(ref_images)}{options}.npz"
-    ref = metric.reference(ref_images, cache_path=cache)
+        name, n = getattr(datamodule, "name", "data"), len(ref_images)
+        cache = reference_cache_path(f.reference_cache, name, fingerprint, n, metric.options_id)
+        legacy = reference_cache_path(f.reference_cache, name, None, n, metric.options_id)
+        _adopt_unfingerprinted_cache(legacy, cache, fingerprint)
+    ref = metric.reference(ref_images, cache_path=cache, fingerprint=fingerprint)
     identity = {"weights": metric.weights_id, "reference": {k: ref.metadata.get(k) for k in
                                                             ("fingerprint", "num_images", "weights")}}
     return FidContext(metric=metric, reference_path=str(cache.resolve()) if cache else None,
                       identity=_with_feature_options(identity, metric))
+
+
+def reference_images(s: EvalSettings, datamodule) -> torch.Tensor:
+    """The FID reference images: the whole training split, or ``eval.fid.reference_images`` of them drawn with a
+    fixed generator (the same images in every process, run and seed)."""
+    n = s.fid.reference_images
+    if n is None:
+        return datamodule.train_pool(None)
+    return datamodule.train_pool(n, generator=torch.Generator().manual_seed(0))
+
+
+def reference_cache_path(cache_dir: str | Path, dataset: str, fingerprint: str | None, num_images: int,
+                         options_id: str = "") -> Path:
+    """Where the reference statistics of ``num_images`` training images are cached (the directory is created):
+    ``<dataset>_train_<n>_<data>[_<options>].npz``, with ``<data>`` the first 10 hex digits of the images' sha256
+    (:func:`~analytic_dpm.fid.data_fingerprint`) and ``<options>`` the Inception's non-default options (e.g.
+    ``bf16``). Two image folders of the same name and size, or two resolutions of one dataset, thus get files of
+    their own instead of overwriting each other's at every run. ``fingerprint=None`` gives the name used before
+    the digest was part of it (``<dataset>_train_<n>[_<options>].npz``)."""
+    digest = f"_{fingerprint.split(':', 1)[-1][:10]}" if fingerprint else ""
+    options = f"_{options_id}" if options_id else ""
+    cache_dir = Path(cache_dir).expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return cache_dir / f"{dataset}_train_{int(num_images)}{digest}{options}.npz"
+
+
+def _adopt_unfingerprinted_cache(legacy: Path, cache: Path, fingerprint: str) -> None:
+    """Statistics cached under the name without the data's digest are linked (or copied) to ``cache`` when they
+    are of the same images, so an upgrade does not recompute them. The old name stays: FID shards written before
+    the upgrade name it as their reference."""
+    if cache.exists() or not legacy.is_file():
+        return
+    from ..fid import FeatureStats
+
+    try:
+        if FeatureStats.load(legacy).metadata.get("fingerprint") != fingerprint:
+            return  # another folder's statistics
+        try:
+            os.link(legacy, cache)
+        except FileExistsError:  # another process adopted it first
+            return
+        except OSError:  # a file system without hard links
+            data = legacy.read_bytes()
+            atomic_write(cache, lambda out: out.write(data))
+    except Exception as e:  # noqa: BLE001 - unreadable: computed as usual
+        log.warning("cannot reuse FID reference statistics %s (%s); computing them", legacy, e)
+        return
+    log.info("FID reference statistics %s reused as %s (same images)", legacy.name, cache.name)
 
 
 def _with_feature_options(identity: dict, metric) -> dict:
