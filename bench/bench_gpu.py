@@ -527,11 +527,13 @@ def main(argv: list[str] | None = None) -> int:
             drop_caches(device)
         phase2_eval(key)
 
-    # phase 2b: the training options that wait for evidence (DDPM model only): bf16 attention, channels_last
+    # phase 2b: the training options that wait for evidence (DDPM model only): bf16 attention, channels_last, and
+    # the multi-tensor AdamW against the default fused one (auto: fused on CUDA)
     if want("train_project"):
         key = next(iter(models))
         variants = {"attention bf16": ("module.attention_float32=false",),
-                    "channels_last": ("module.channels_last=true",)}
+                    "channels_last": ("module.channels_last=true",),
+                    "AdamW foreach": ("module.fused_optimizer=false",)}
         res["models"][key]["train_project_variants"] = found = {}
         for label, extra in variants.items():
             need = 2 * compile_cost if device.type == "cuda" else 20

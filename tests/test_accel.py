@@ -315,7 +315,7 @@ def test_bench_gpu_tiny_writes_every_section(tmp_path, capsys):
     assert "skipped" in cells[("bf16", "default")]  # no compile on a CPU unless asked
     assert "skipped" in res["fusion"]  # likewise
     variants = m["train_project_variants"]
-    assert set(variants) == {"attention bf16", "channels_last"}
+    assert set(variants) == {"attention bf16", "channels_last", "AdamW foreach"}
     assert variants["attention bf16"]["overrides"] == ["module.attention_float32=false"]
     assert all(v["images_per_s"] > 0 for v in variants.values())
     assert res["table"] and "images/s" in stdout and not res["errors"]

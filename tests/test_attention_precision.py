@@ -93,7 +93,7 @@ def test_speed_options_never_refuse_a_resume(tmp_path):
     """A checkpoint written before the speed options existed, or with other values, resumes; lr still refuses."""
     stored = _fake_run(tmp_path / "run", {"lr": 1e-4})
     now = {**stored, "module": {"lr": 1e-4, "compile": "auto", "compile_mode": "reduce-overhead",
-                                "channels_last": True, "attention_float32": False}}
+                                "channels_last": True, "attention_float32": False, "fused_optimizer": True}}
     path, _ = resolve_resume(now, tmp_path / "run", overwrite=False, seed_given=False)
     assert path == str(tmp_path / "run" / "checkpoints" / "last.ckpt")
     with pytest.raises(ConfigError, match=r"module\.lr: 0\.0001 -> 0\.0002"):

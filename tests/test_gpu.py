@@ -113,7 +113,8 @@ def test_compiled_network_on_cuda_matches_eager_without_recompiling():
 
 
 def test_training_step_does_not_synchronise():
-    """training_step + backward + AdamW + EMA with torch.cuda.set_sync_debug_mode('error'), off logging steps."""
+    """training_step + backward + clipping + fused AdamW + EMA with torch.cuda.set_sync_debug_mode('error') around the
+    module's own code, off logging steps."""
     from types import SimpleNamespace
 
     from analytic_dpm.training import DiffusionModule
@@ -123,7 +124,8 @@ def test_training_step_does_not_synchronise():
     module = DiffusionModule(net_cfg, N=1000, lr=1e-4).cuda()
     module._trainer = SimpleNamespace(log_every_n_steps=100, world_size=1, global_rank=0,
                                       _logger_connector=SimpleNamespace(should_update_logs=False))
-    opt = torch.optim.AdamW(module.eps_model.parameters(), lr=1e-4)
+    opt = module.configure_optimizers()  # module.fused_optimizer=auto: the fused AdamW on CUDA
+    assert opt.defaults["fused"] is True
     batch = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8).cuda()
     def no_sync(fn, *args):
         torch.cuda.synchronize()
@@ -136,7 +138,7 @@ def test_training_step_does_not_synchronise():
     for i in range(3):  # the first step creates the loss window, the later ones add to it
         loss = no_sync(module.training_step, batch, i)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.eps_model.parameters(), 1.0)
+        no_sync(module.configure_gradient_clipping, opt, 1.0, "norm")  # the module clips for a fused AdamW
         opt.step()
         opt.zero_grad(set_to_none=True)
         no_sync(module.update_ema)

@@ -586,3 +586,89 @@ def test_compile_option_values():
         DiffusionModule(TINY_NET, N=50, compile="sometimes")
     with pytest.raises(ValueError, match="max_loss"):
         DiffusionModule(TINY_NET, N=50, max_loss=0)
+
+
+# ------------------------------------------------------------------------------------------- fused AdamW (issue 9)
+def test_fused_optimizer_option_values():
+    from analytic_dpm.training import DiffusionModule
+
+    module = DiffusionModule(TINY_NET, N=50)
+    assert module.fused_optimizer == "auto" and not module.fused_optimizer_enabled()  # auto: CUDA only
+    assert module.hparams["module"]["fused_optimizer"] == "auto"
+    assert DiffusionModule(TINY_NET, N=50, fused_optimizer="true").fused_optimizer_enabled()
+    assert not DiffusionModule(TINY_NET, N=50, fused_optimizer=False).fused_optimizer_enabled()
+    with pytest.raises(ValueError, match="module.fused_optimizer='often'"):
+        DiffusionModule(TINY_NET, N=50, fused_optimizer="often")
+
+
+def test_fused_optimizer_trains_like_foreach_under_bf16_with_clipping(tmp_path):
+    """bf16-mixed with gradient clipping (the GPU experiments' setting): Lightning's mixed-precision plugin refuses
+    to clip for a fused optimizer; the module clips itself, and the run matches the multi-tensor AdamW's."""
+    common = ("trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0", "trainer.max_steps=2",
+              "~callbacks.gamma_calibration")
+    fused = run(tmp_path / "fused", "module.fused_optimizer=true", *common)
+    foreach = run(tmp_path / "foreach", "module.fused_optimizer=false", *common)
+    assert fused["trainer"].optimizers[0].defaults["fused"] is True
+    assert not foreach["trainer"].optimizers[0].defaults["fused"]
+    a, b = ema_and_weights(fused["module"]), ema_and_weights(foreach["module"])
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # two implementations really ran
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_fused_optimizer_gradients_are_clipped(algorithm):
+    """The module's own clipping of a fused optimizer's gradients equals torch's clip_grad_*_ on the same ones."""
+    from analytic_dpm.training import DiffusionModule
+
+    module = DiffusionModule(TINY_NET, N=50, fused_optimizer=True)
+    opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    assert opt.defaults["fused"] is True
+    gen = torch.Generator().manual_seed(0)
+    params = list(module.eps_model.parameters())
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    module.configure_gradient_clipping(opt, 0.05, algorithm)
+    reference = [torch.zeros_like(g, requires_grad=True) for g in grads]  # the same gradients, clipped by torch
+    for r, g in zip(reference, grads):
+        r.grad = g.clone()
+    if algorithm == "norm":
+        torch.nn.utils.clip_grad_norm_(reference, 0.05)
+    else:
+        torch.nn.utils.clip_grad_value_(reference, 0.05)
+    for p, g, e in zip(params, grads, [r.grad for r in reference]):
+        assert not torch.equal(p.grad, g)  # the clipping changed every gradient
+        torch.testing.assert_close(p.grad, e, atol=0, rtol=0)
+
+
+def test_fused_optimizer_refused_with_a_grad_scaler_and_clipping(tmp_path):
+    """16-mixed runs a GradScaler: clipping would see scaled gradients, so an explicit fused optimizer is refused
+    with what to do (auto simply leaves it off)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from analytic_dpm.training import DiffusionModule
+
+    module = DiffusionModule(TINY_NET, N=50, fused_optimizer=True)
+    scaler_plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = type("T", (), {"precision_plugin": scaler_plugin, "gradient_clip_val": 1.0, "precision": "16-mixed"})()
+    module._trainer = trainer
+    with pytest.raises(ValueError, match="fused_optimizer=true cannot be combined.*16-mixed.*fused_optimizer=auto"):
+        module.configure_optimizers()
+    auto = DiffusionModule(TINY_NET, N=50, fused_optimizer="auto")
+    auto._trainer = trainer
+    assert not auto.fused_optimizer_enabled()
+
+
+def test_resume_may_switch_to_the_fused_optimizer(tmp_path, trained):
+    """A checkpoint of the multi-tensor AdamW resumes with the fused one (same optimizer state format): the run
+    goes on as the uninterrupted one does, up to float rounding."""
+    _, full = trained  # 4 steps, module.fused_optimizer=auto (off on a CPU)
+    first = run(tmp_path / "a", "trainer.max_steps=2")
+    resumed = run(tmp_path / "b", "trainer.max_steps=4", "module.fused_optimizer=true",
+                  f"ckpt_path={first['last_checkpoint']}")
+    assert resumed["global_step"] == 4 and resumed["trainer"].optimizers[0].defaults["fused"] is True
+    a, b = ema_and_weights(full["module"]), ema_and_weights(resumed["module"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)

@@ -19,6 +19,12 @@ progress bar nor the loggers touch the device between windows. A diverged run st
 :class:`TrainingDivergedError` (what happened, at which step, what to try) and never writes a checkpoint (or a
 Gamma) from the diverged network.
 
+Optimizer: AdamW, its fused single-kernel implementation where ``fused_optimizer`` says so (``"auto"``: when
+training on CUDA without a GradScaler, i.e. not under ``16-mixed``). Same update rule; only float rounding differs
+from the multi-tensor (``foreach``) one. Gradient clipping then runs here (:meth:`configure_gradient_clipping`):
+Lightning's mixed-precision plugin refuses to clip for any fused optimizer because one *could* unscale a
+GradScaler's gradients itself, but with no scaler (bf16-mixed, fp32) the gradients are the true ones.
+
 Compilation (``compile``: True, False or ``"auto"`` = on when training on CUDA): the training network is
 wrapped by ``torch.compile`` (state-dict keys unchanged). The first step runs the compiled forward and
 backward once on its own batch, under a forked RNG, before the real step: if compilation fails the run warns
@@ -98,14 +104,19 @@ def build_model(model_cfg: Mapping) -> nn.Module:
     return build_network(dict(model_cfg))
 
 
-def _parse_compile(value: Any) -> bool | str:
-    """``module.compile``: True / False / "auto" (on when training on CUDA), parsed as for evaluation."""
+def _parse_flag(name: str, value: Any) -> bool | str:
+    """``module.<name>``: True / False / "auto", parsed like evaluation's ``compile``."""
     from ..accel import _parse_compile as parse
 
     try:
         return parse(value)
     except ValueError as e:
-        raise ValueError(f"module.{e}") from None
+        raise ValueError(f"module.{name}={value!r}: use auto, true or false") from e
+
+
+def _parse_compile(value: Any) -> bool | str:
+    """``module.compile``: True / False / "auto" (on when training on CUDA)."""
+    return _parse_flag("compile", value)
 
 
 def _warmup_factor(warmup_steps: int):
@@ -128,6 +139,8 @@ class DiffusionModule(LightningModule):
             state-dict keys are unchanged; a failure falls back to eager with a warning (module docstring).
         compile_mode: ``torch.compile`` mode (None: torch's default).
         channels_last: keep the training network and its inputs in channels-last memory format.
+        fused_optimizer: AdamW's fused implementation (True, False, or ``"auto"``: when training on CUDA and no
+            GradScaler runs, i.e. any precision but ``16-mixed``); speed only, never refuses a resume.
         attention_float32: evaluate the UNet's self-attention in float32 under bf16 autocast (the default), or,
             ``False``, in bf16 (faster on GPUs; :func:`analytic_dpm.nets.set_attention_float32`). A run-time
             choice like ``compile``: the weights and checkpoints are the same, and changing it never refuses a
@@ -154,6 +167,7 @@ class DiffusionModule(LightningModule):
         compile: bool | str = False,
         compile_mode: str | None = None,
         channels_last: bool = False,
+        fused_optimizer: bool | str = "auto",
         attention_float32: bool = True,
         max_loss: float | None = 1.0e4,
         seed: int = 0,
@@ -173,6 +187,7 @@ class DiffusionModule(LightningModule):
         self.compile_model = _parse_compile(compile)
         self.compile_mode = None if compile_mode in (None, "default") else str(compile_mode)
         self.channels_last = bool(channels_last)
+        self.fused_optimizer = _parse_flag("fused_optimizer", fused_optimizer)
         self.attention_float32 = bool(attention_float32)
         if max_loss is not None and not float(max_loss) > 0:
             raise ValueError(f"max_loss must be positive or null, got {max_loss}")
@@ -187,7 +202,8 @@ class DiffusionModule(LightningModule):
             "lr": self.lr, "weight_decay": self.weight_decay, "betas": list(self.adam_betas), "eps": self.adam_eps,
             "warmup_steps": self.warmup_steps, "ema_decay": self.ema_decay, "ema_warmup": self.ema_warmup,
             "compile": self.compile_model, "compile_mode": self.compile_mode, "channels_last": self.channels_last,
-            "attention_float32": self.attention_float32, "max_loss": self.max_loss,
+            "attention_float32": self.attention_float32, "fused_optimizer": self.fused_optimizer,
+            "max_loss": self.max_loss,
         }  # fmt: skip
         full.setdefault("seed", self.seed)
         self.save_hyperparameters(full)
@@ -273,15 +289,49 @@ class DiffusionModule(LightningModule):
         self.compile_seconds = time.perf_counter() - start
         log.info("torch.compile: the first training step (compilation) took %.1f s", self.compile_seconds)
 
+    def _grad_scaler(self):
+        trainer = self._trainer
+        plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
+        return getattr(plugin, "scaler", None)
+
+    def fused_optimizer_enabled(self) -> bool:
+        """Whether AdamW runs fused (``"auto"``: on CUDA when no GradScaler runs)."""
+        if self.fused_optimizer == "auto":
+            return self.device.type == "cuda" and self._grad_scaler() is None
+        return bool(self.fused_optimizer)
+
     def configure_optimizers(self):
+        fused = self.fused_optimizer_enabled()
+        if fused and self._grad_scaler() is not None:
+            trainer = self._trainer
+            if trainer is not None and trainer.gradient_clip_val:
+                raise ValueError(
+                    f"module.fused_optimizer=true cannot be combined with trainer.precision={trainer.precision} "
+                    "(a GradScaler) and gradient clipping (trainer.gradient_clip_val): the fused AdamW unscales "
+                    "inside its step, after clipping would have run. Use module.fused_optimizer=auto, "
+                    "trainer.precision=bf16-mixed, or trainer.gradient_clip_val=null"
+                )
         opt = torch.optim.AdamW(
             self.eps_model.parameters(), lr=self.lr, betas=self.adam_betas, eps=self.adam_eps,
-            weight_decay=self.weight_decay,
+            weight_decay=self.weight_decay, fused=True if fused else None,
         )  # fmt: skip
         if self.warmup_steps <= 0:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_factor(self.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except for a fused optimizer without a GradScaler, which Lightning's mixed-precision
+        plugin refuses although nothing is scaled: the gradients are clipped here with torch's own functions."""
+        fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        if not fused or not gradient_clip_val or self._grad_scaler() is not None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":  # Lightning passes its str enum GradClipAlgorithmType
+            torch.nn.utils.clip_grad_value_(params, float(gradient_clip_val))
+        else:  # the same call as Lightning's clip_gradients (global 2-norm, no host sync)
+            torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
+        return None
 
     # ------------------------------------------------------------------ training
     def step_seed(self) -> int:

@@ -31,7 +31,8 @@ __all__ = ["finished_summary", "normalize_epoch_end_checkpoint", "resolve_resume
 RUN_DEFINING = ("data", "model", "diffusion", "module", "seed")
 #: keys of those sections that only set how fast the same run goes (no change to what is trained beyond float
 #: rounding): changing them, or their absence in a checkpoint written before they existed, never refuses a resume
-SPEED_ONLY = ("module.compile", "module.compile_mode", "module.channels_last", "module.attention_float32")
+SPEED_ONLY = ("module.compile", "module.compile_mode", "module.channels_last", "module.attention_float32",
+              "module.fused_optimizer")
 #: trainer keys that change what is trained (max_steps may grow: that continues the run)
 TRAINER_DEFINING = ("precision", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
                     "limit_train_batches", "devices", "num_nodes", "strategy")
