@@ -630,7 +630,9 @@ def test_fused_optimizer_gradients_are_clipped(algorithm):
     grads = [torch.randn(p.shape, generator=gen) for p in params]
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    module.configure_gradient_clipping(opt, 0.05, algorithm)
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+
+    module.configure_gradient_clipping(opt, 0.05, GradClipAlgorithmType(algorithm))  # what Lightning passes
     reference = [torch.zeros_like(g, requires_grad=True) for g in grads]  # the same gradients, clipped by torch
     for r, g in zip(reference, grads):
         r.grad = g.clone()

@@ -327,7 +327,8 @@ class DiffusionModule(LightningModule):
         if not fused or not gradient_clip_val or self._grad_scaler() is not None:
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if gradient_clip_algorithm == "value":  # Lightning passes its str enum GradClipAlgorithmType
+        algorithm = getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)  # Lightning: a str enum
+        if str(algorithm or "norm").lower() == "value":
             torch.nn.utils.clip_grad_value_(params, float(gradient_clip_val))
         else:  # the same call as Lightning's clip_gradients (global 2-norm, no host sync)
             torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
