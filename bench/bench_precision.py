@@ -29,8 +29,9 @@ own data config (``--data-override key=value`` replaces keys, e.g. a data direct
 * **Recommendation** (printed and in the JSON), speed order bf16-attn > bf16 > tf32 > fp32: for NLL the fastest
   precision whose max over (method, K) of |mean paired difference| is <= ``--nll-tolerance`` (0.005 bits/dim); for
   FID sampling the fastest precision whose |FID - FID(fp32)| at seed 0 is below the fp32 seed-to-seed standard
-  deviation (``inconclusive`` with fewer than 2 fp32 seeds). Wall seconds of every part are recorded, for
-  information only.
+  deviation (``inconclusive`` with fewer than 2 fp32 seeds). The two are set apart: ``eval.precision`` (NLL,
+  Gamma) and ``eval.fid.precision`` (sampling for FID); ``bf16-attn`` means ``bf16`` plus
+  ``eval.attention_float32=false``. Wall seconds of every part are recorded, for information only.
 
 ``--compile`` is off by default: what is measured is the numeric precision, and torch.compile would add a second
 change (fused kernels round differently) and minutes of compilation to the budget.
@@ -722,9 +723,10 @@ def markdown(res: Mapping[str, Any]) -> str:
         lines += ["", f"fp32 over seeds: {seeds}; std {_fmt(fid.get('fp32_seed_std'), '.4f')}", ""]
     if rec:
         lines += ["## Recommendation", ""]
-        for key, label in (("nll", "NLL"), ("fid_sampling", "FID sampling")):
+        for key, label, setting in (("nll", "NLL", "eval.precision"), ("fid_sampling", "FID sampling",
+                                                                         "eval.fid.precision")):
             r = rec.get(key) or {}
-            lines.append(f"- {label}: **{r.get('precision')}** ({r.get('reason')})")
+            lines.append(f"- {label} (`{setting}`): **{r.get('precision')}** ({r.get('reason')})")
             if r.get("per_method"):
                 lines.append("  - the same rule per method: " +
                              ", ".join(f"{m} {v}" for m, v in r["per_method"].items()))

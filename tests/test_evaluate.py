@@ -17,7 +17,7 @@ from analytic_dpm import NoiseSchedule
 from analytic_dpm.evaluation import ResultStore, load_rows
 from analytic_dpm.evaluation.grid import EvalContext, FidContext, GridRunner, plan_cells
 from analytic_dpm.evaluation.run import evaluate
-from analytic_dpm.evaluation.settings import EvalSettings
+from analytic_dpm.evaluation.settings import EvalSettings, SettingsError
 from analytic_dpm.evaluation.setup import UserError
 from analytic_dpm.oracles import GaussianOracle
 
@@ -127,6 +127,30 @@ def test_fid_cells_stream_samples_and_save_a_grid(tmp_path, random_inception_wei
     assert math.isfinite(row["fid"]) and row["fid"] > 0 and row["num_fid_samples"] == 8
     assert (tmp_path / "cells" / "analytic_ddim-even-K2" / "samples.png").exists()
     assert math.isnan(rows[("ddim", "optimal")]["fid"]) and "DDIM" in rows[("ddim", "optimal")]["note"]
+
+
+def test_fid_sampling_has_its_own_precision(tmp_path):
+    """eval.fid.precision: the sampling network for FID runs at it, the NLL network at eval.precision; null = the
+    same; a bad value is refused with the choices."""
+    sched = NoiseSchedule.linear(1000)
+    oracle = GaussianOracle(sched, 0.0, 0.5, (3, 8, 8))
+    ctx = EvalContext(eps_model=oracle, schedule=sched, gamma=oracle.gamma(), gamma_M=None, dataset="toy",
+                      data_range=(-1.0, 1.0), heldout=lambda n: oracle.sample_data(n or 8), num_heldout=8,
+                      sample_shape=(3, 8, 8), device=torch.device("cpu"), identity={"precision": "fp32"})
+    base = {"K": [2], "trajectory": ["even"], "method": ["ddim"], "metrics": ["nll", "fid"]}
+    split = EvalSettings.from_config({**base, "fid": {"precision": "bf16"}})
+    assert (split.precision, split.fid_precision) == ("fp32", "bf16")
+    runner = GridRunner(ctx, ResultStore(tmp_path), split)
+    assert runner.network("fid", 4).settings.precision == "bf16"
+    assert runner.network("nll", 4).settings.precision == "fp32"
+    ctx.fid_precision = "bf16"
+    assert runner.fid_identity("ddim")["sample_precision"] == "bf16"
+    same = EvalSettings.from_config({**base, "precision": "bf16"})
+    assert same.fid_precision == "bf16"
+    ctx.identity = {"precision": "bf16"}
+    assert "sample_precision" not in GridRunner(ctx, ResultStore(tmp_path), same).fid_identity("ddim")
+    with pytest.raises(SettingsError, match=r"eval\.fid\.precision.*fp32, tf32, bf16"):
+        EvalSettings.from_config({**base, "fid": {"precision": "fp16"}})
 
 
 def test_every_eval_config_composes(tmp_path):

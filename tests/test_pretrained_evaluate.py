@@ -81,6 +81,21 @@ def test_evaluate_pretrained_nll_fid_and_gamma_cache(tmp_path, image_folder, ran
                               f"eval.fid.reference_stats={tmp_path}/fid_stats.npz"))
     for r in theirs:
         assert r["fid"] == pytest.approx(by[r["method"]]["fid"], rel=1e-6) and r["fid_id"] != by[r["method"]]["fid_id"]
+    # FID sampled at its own precision (eval.fid.precision): NLL and nll_id unchanged, FID gets its own fid_id, and
+    # every row says at which precision each metric was computed
+    with pytest.warns(Warning):
+        bf16 = {r["method"]: r for r in evaluate(cfg(tmp_path / "run_fid_bf16", image_folder, *fid,
+                                                     "eval.fid.precision=bf16"))}
+    for m, r in bf16.items():
+        assert (r["precision"], r["fid_precision"], by[m]["fid_precision"]) == ("fp32", "bf16", "fp32")
+        assert r["nll_id"] == by[m]["nll_id"] and r["nll_bpd"] == by[m]["nll_bpd"]
+        assert r["fid_id"] != by[m]["fid_id"] and math.isfinite(r["fid"])
+    import json
+
+    idents = json.loads((tmp_path / "run_fid_bf16" / "identities.json").read_text())
+    assert {v.get("sample_precision") for v in idents.values() if v.get("metric") == "fid"} == {"bf16"}
+    default_idents = json.loads((out / "identities.json").read_text())
+    assert not any("sample_precision" in v for v in default_idents.values())  # default: fid_ids as before
     np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
     with pytest.raises(UserError, match="needs arrays 'mu' and 'sigma'"):
         evaluate(cfg(tmp_path / "run_bad", image_folder, *fid, f"eval.fid.reference_stats={tmp_path}/bad.npz"))

@@ -57,6 +57,8 @@ class EvalContext:
     fid: Any = None  # FidContext or None
     nll_options: dict = field(default_factory=dict)
     identity: dict = field(default_factory=dict)  # the run's identity (setup._run_identity): model, Gamma, seed...
+    # the network's precision while sampling for FID, as recorded (eval.fid.precision, else the run's precision)
+    fid_precision: str | None = None
 
 
 @dataclass
@@ -132,13 +134,15 @@ class GridRunner:
         self._nets: dict[tuple[str, int], Any] = {}
 
     def network(self, phase: str, batch: int):
-        """The noise predictor at ``eval.precision`` / ``eval.compile`` (:mod:`analytic_dpm.accel`), one wrapper per
-        phase, each with the static batch of that phase (sampling batch, NLL network batch)."""
+        """The noise predictor at ``eval.precision`` (``phase="fid"``: ``eval.fid.precision`` when set) and
+        ``eval.compile`` (:mod:`analytic_dpm.accel`), one wrapper per phase, each with the static batch of that phase
+        (sampling batch, NLL network batch)."""
         key = (phase, int(batch))
         if key not in self._nets:
             from ..accel import prepare_eps_model
 
-            self._nets[key] = prepare_eps_model(self.ctx.eps_model, precision=self.s.precision,
+            precision = self.s.fid_precision if phase == "fid" else self.s.precision
+            self._nets[key] = prepare_eps_model(self.ctx.eps_model, precision=precision,
                                                 compile=self.s.compile, mode=self.s.compile_mode,
                                                 device=self.ctx.device, static_batch=int(batch))
         return self._nets[key]
@@ -157,8 +161,12 @@ class GridRunner:
 
     def fid_identity(self, method: str) -> dict:
         f = self.s.fid
-        return {**self.ctx.identity, "metric": "fid", "num_samples": f.num_samples, "batch_size": f.batch_size,
-                "clip_sigma_y": f.clip_sigma_y.get(method), "features": getattr(self.ctx.fid, "identity", None)}
+        ident = {**self.ctx.identity, "metric": "fid", "num_samples": f.num_samples, "batch_size": f.batch_size,
+                 "clip_sigma_y": f.clip_sigma_y.get(method), "features": getattr(self.ctx.fid, "identity", None)}
+        sampling = self.ctx.fid_precision
+        if sampling and sampling != self.ctx.identity.get("precision"):  # absent when equal: older fid_ids stay
+            ident["sample_precision"] = sampling
+        return ident
 
     def nll_id(self) -> str:
         if self._nll_id is None:
@@ -217,6 +225,8 @@ class GridRunner:
         if not self.is_writer:
             return
         prefix = "NLL:" if "nll_bpd" in row else "FID:"
+        if "fid" in row and self.ctx.fid is not None:  # the precision the FID samples were drawn at
+            row["fid_precision"] = self.ctx.fid_precision or row.get("precision")
         old = self.store.get(self._key(Cell(row["method"], row["trajectory"], row["K"])))
         kept = [n for n in ((old or {}).get("note") or "").split("; ") if n and not n.startswith(prefix)]
         row["note"] = "; ".join(kept + ([row["note"]] if row.get("note") else []))

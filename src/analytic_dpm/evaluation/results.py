@@ -15,7 +15,9 @@ Values of the metric columns (``nll_bpd``, ``fid``; also ``seconds``):
 
 Identity columns. ``model_id`` (hash of the evaluated network's weights and its conventions), ``model_step``
 (training step of a checkpoint), ``gamma_hash`` (hash of the Gamma vector; ``gamma_M`` its M), ``seed``,
-``precision``, ``gamma_policy``, ``version`` (of this package) describe the run; ``nll_id`` / ``fid_id`` hash
+``precision`` (of the network for NLL and Gamma), ``gamma_policy``, ``version`` (of this package) describe the run;
+``fid_precision`` is the network's precision while sampling for FID (``eval.fid.precision``, by default the run's
+``precision``; empty in rows written before it existed); ``nll_id`` / ``fid_id`` hash
 everything that determines that metric's value (the run's identity plus the metric's own settings: number of
 images or samples, batch sizes, decoder, reference statistics, Inception weights, ...). A rerun reuses a metric of a
 row only when its id equals the id the rerun would produce; anything else is a mismatch, which
@@ -72,6 +74,7 @@ COLUMNS: list[str] = [
     "version",
     "nll_id",
     "fid_id",
+    "fid_precision",
 ]
 #: The columns that identify a cell (see :func:`cell_key`).
 KEY_COLUMNS: tuple[str, ...] = ("dataset", "schedule", "N", "method", "trajectory", "K")
@@ -79,7 +82,7 @@ KEY_COLUMNS: tuple[str, ...] = ("dataset", "schedule", "N", "method", "trajector
 METRIC_COLUMNS: tuple[str, ...] = ("nll_bpd", "fid")
 
 STR_COLUMNS = frozenset({"dataset", "schedule", "forward", "method", "trajectory", "note", "model_id", "gamma_hash",
-                         "precision", "gamma_policy", "version", "nll_id", "fid_id"})
+                         "precision", "gamma_policy", "version", "nll_id", "fid_id", "fid_precision"})
 INT_COLUMNS = frozenset({"N", "K", "num_nll_images", "num_fid_samples", "gamma_M", "seed", "model_step"})
 #: metric column -> the column holding the identity of the computation that produced it
 ID_COLUMNS: dict[str, str] = {"nll_bpd": "nll_id", "fid": "fid_id"}

@@ -166,6 +166,8 @@ class FidSettings:
     batch_size: int = 500
     feature_batch_size: int = 200
     feature_precision: str = "fp32"  # the Inception forward: fp32 (TF32 off) | tf32 | bf16 (InceptionFeatures)
+    # the network's precision while sampling for FID (None: eval.precision); NLL and Gamma keep eval.precision
+    precision: str | None = None
     channels_last: bool = False  # the Inception in channels_last memory format
     weights_path: str | None = None
     skip_if_missing_weights: bool = False
@@ -281,6 +283,8 @@ class EvalSettings:
                 feature_precision=_choice("eval.fid.feature_precision", fid.get("feature_precision", "fp32"),
                                           PRECISIONS),
                 channels_last=_bool("eval.fid.channels_last", fid.get("channels_last", False)),
+                precision=None if fid.get("precision") is None else
+                _choice("eval.fid.precision", fid.get("precision"), PRECISIONS),
                 weights_path=_str("eval.fid.weights_path", fid.get("weights_path")),
                 skip_if_missing_weights=_bool("eval.fid.skip_if_missing_weights",
                                               fid.get("skip_if_missing_weights", False)),
@@ -294,6 +298,11 @@ class EvalSettings:
             ),
             report_variance_K=_ks("eval.report.variance_K", rep.get("variance_K"), allow_none=True) or (),
         )
+
+    @property
+    def fid_precision(self) -> str:
+        """The network's precision while sampling for FID: ``eval.fid.precision``, else ``eval.precision``."""
+        return self.fid.precision or self.precision
 
     def __post_init__(self):
         if self.shard >= self.num_shards:

@@ -76,14 +76,16 @@ def _warn_gamma(gamma: torch.Tensor, where: str) -> None:
         log.warning("%s: %s", where, message)
 
 
-def precision_label(s: EvalSettings, eps_model) -> str:
-    """``eval.precision`` as recorded in results: ``bf16-attn`` when bf16 also reaches the UNet's self-attention
-    (``attention_float32`` off), which moves the numbers further than bf16 with float32 attention."""
+def precision_label(s: EvalSettings, eps_model, precision: str | None = None) -> str:
+    """``precision`` (default ``eval.precision``) as recorded in results: ``bf16-attn`` when bf16 also reaches the
+    UNet's self-attention (``attention_float32`` off), which moves the numbers further than bf16 with float32
+    attention."""
     from ..nets import attention_in_float32
 
-    if s.precision == "bf16" and isinstance(eps_model, torch.nn.Module) and attention_in_float32(eps_model) is False:
+    precision = precision or s.precision
+    if precision == "bf16" and isinstance(eps_model, torch.nn.Module) and attention_in_float32(eps_model) is False:
         return "bf16-attn"
-    return s.precision
+    return precision
 
 
 def apply_attention_setting(eps_model, s: EvalSettings) -> None:
@@ -193,6 +195,7 @@ def network_context(s: EvalSettings, device, *, eps_model, schedule, gamma, gamm
     )
     if "fid" in s.metrics and images:
         ctx.fid = fid_context(s, datamodule, device)
+        ctx.fid_precision = precision_label(s, eps_model, s.fid_precision)
     return ctx
 
 
