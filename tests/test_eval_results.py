@@ -266,6 +266,13 @@ def test_markdown_tables_numbers():
     assert "**3.04**" in text  # best FID at K = 1000 in bold
     assert "FID, optimal trajectory" not in text  # no FID values there
 
+    assert "Network precision" not in text  # rows that record none
+    mixed = markdown_tables([row("analytic_ddpm", "even", 10, nll_bpd=5.47, precision="fp32"),
+                             row("ddim", "even", 10, fid=10.7, precision="fp32", fid_precision="bf16")])
+    assert "Network precision: NLL fp32; FID sampling bf16." in mixed
+    same = markdown_tables([row("analytic_ddpm", "even", 10, nll_bpd=5.47, fid=9.1, precision="tf32",
+                                fid_precision="tf32")])
+    assert "Network precision: tf32." in same
     partial = markdown_tables([row("analytic_ddpm", "even", 10, nll_bpd=5.47), row("ddim", "even", 25, fid=10.7)])
     t = parse_markdown_table(partial, "FID, even")
     assert t["analytic_ddpm"] == {10: "-", 25: "-"} and t["ddim"] == {10: "-", 25: "10.70"}

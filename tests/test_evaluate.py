@@ -153,6 +153,43 @@ def test_fid_sampling_has_its_own_precision(tmp_path):
         EvalSettings.from_config({**base, "fid": {"precision": "fp16"}})
 
 
+def test_cell_seconds_leave_out_compile_time(tmp_path, caplog):
+    """A cell's ``seconds`` is its steady-state work: the torch.compile time of the first call (logged by accel)
+    is left out."""
+    import logging
+    import time
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from analytic_dpm.accel import prepare_eps_model
+
+    counter = CompileCounterWithBackend("eager")
+
+    def slow_backend(gm, example_inputs):
+        time.sleep(1.0)  # stands in for inductor's minutes on a GPU
+        return counter(gm, example_inputs)
+
+    sched = NoiseSchedule.linear(1000)
+    oracle = GaussianOracle(sched, 0.0, 0.5, (3, 8, 8))
+    ctx = EvalContext(eps_model=oracle, schedule=sched, gamma=oracle.gamma(), gamma_M=None, dataset="toy",
+                      data_range=None, heldout=lambda n: oracle.sample_data(n or 8), num_heldout=8,
+                      sample_shape=(3, 8, 8), device=torch.device("cpu"), is_image=False)
+    settings = EvalSettings.from_config({"K": [2], "trajectory": ["even"], "method": ["ddpm_beta"],
+                                         "metrics": ["nll"], "nll": {"num_images": 8}})
+    runner = GridRunner(ctx, ResultStore(tmp_path), settings)
+    def eps_model(x, t):  # a trivial predictor: Dynamo traces it at once
+        return 0.5 * x
+
+    prepared = runner._nets[("nll", 1000)] = prepare_eps_model(eps_model, compile=True, backend=slow_backend,
+                                                                device="cpu")
+    with caplog.at_level(logging.INFO, logger="analytic_dpm.accel"):
+        runner.run(plan_cells(["ddpm_beta"], ["even"], [2], 1000))
+    assert prepared.compiled and counter.frame_count >= 1 and prepared.compile_seconds >= 1.0
+    (row,) = runner.store.rows
+    assert math.isfinite(row["nll_bpd"]) and row["seconds"] < 1.0  # the 1 s of "compilation" is left out
+    assert "torch.compile: the first call at batch" in caplog.text
+
+
 def test_every_eval_config_composes(tmp_path):
     for eval_name in ("default", "quick"):
         cfg = _cfg(tmp_path, f"eval={eval_name}", "model=oracle_gmm")

@@ -28,6 +28,7 @@ Nothing here changes the model (mode, device, weights): put it in eval mode and 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import types
 import warnings
@@ -37,6 +38,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "COMPILE_MODES",
@@ -339,6 +342,8 @@ class PreparedEpsModel(nn.Module):
             self._compiled_sizes.add(size)
             self.compile_seconds += seconds
             self.compile_events.append((size, seconds))
+            log.info("torch.compile: the first call at batch %d (compilation, %s) took %.1f s", size,
+                     self.settings.compile_label, seconds)
         out = out[:n]
         # CUDA graphs reuse their output buffer at the next replay: hand out a copy
         return out.clone() if self._cudagraphs else out

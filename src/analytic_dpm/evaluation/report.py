@@ -134,6 +134,9 @@ def markdown_tables(rows: Sequence[Mapping[str, Any]], title: str = "", bold_bes
             if any(group):
                 lines += [f"{_group_title(group)}", ""]
             level = "##"
+        precision = _precision_line(grows)
+        if precision:
+            lines += [precision, ""]
         for metric, (_, label) in METRICS.items():
             if not _has_metric(grows, metric):
                 continue
@@ -145,6 +148,21 @@ def markdown_tables(rows: Sequence[Mapping[str, Any]], title: str = "", bold_bes
                 lines += _one_table(trows, metric, bold_best)
                 lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _precision_line(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``Network precision: fp32.``, or per metric when they differ (``eval.fid.precision``); empty for rows that
+    record none (older results, hand-made rows)."""
+    def values(metric: str, column: str) -> str:
+        found = {r.get(column) or r.get("precision") for r in rows if r[metric] is not None}
+        return ", ".join(sorted(v for v in found if v))
+
+    nll, fid = values("nll_bpd", "precision"), values("fid", "fid_precision")
+    if not (nll or fid):
+        return ""
+    if nll == fid or not (nll and fid):
+        return f"Network precision: {nll or fid}."
+    return f"Network precision: NLL {nll}; FID sampling {fid}."
 
 
 def _one_table(rows: Sequence[Mapping[str, Any]], metric: str, bold_best: bool) -> list[str]:
