@@ -114,11 +114,6 @@ def _parse_flag(name: str, value: Any) -> bool | str:
         raise ValueError(f"module.{name}={value!r}: use auto, true or false") from e
 
 
-def _parse_compile(value: Any) -> bool | str:
-    """``module.compile``: True / False / "auto" (on when training on CUDA)."""
-    return _parse_flag("compile", value)
-
-
 def _warmup_factor(warmup_steps: int):
     def factor(step: int) -> float:
         return min(1.0, (step + 1) / warmup_steps)
@@ -184,7 +179,7 @@ class DiffusionModule(LightningModule):
         self.adam_betas, self.adam_eps = tuple(float(b) for b in betas), float(eps)
         self.warmup_steps = int(warmup_steps)
         self.ema_decay, self.ema_warmup = float(ema_decay), bool(ema_warmup)
-        self.compile_model = _parse_compile(compile)
+        self.compile_model = _parse_flag("compile", compile)
         self.compile_mode = None if compile_mode in (None, "default") else str(compile_mode)
         self.channels_last = bool(channels_last)
         self.fused_optimizer = _parse_flag("fused_optimizer", fused_optimizer)
