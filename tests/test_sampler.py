@@ -66,3 +66,43 @@ def test_bad_input():
         sample(ORACLE, SCHED, TRAJ, "analytic_ddim", (2, 1, 4, 4))
     with pytest.raises(ValueError, match="x_T has shape"):
         sample(ORACLE, SCHED, TRAJ, "ddim", (2, 1, 4, 4), x_T=torch.zeros(3, 1, 4, 4))
+
+
+# Full-loop golden values (diffusers' scheduler tests do the same): a fixed generator, a Gaussian-mixture oracle
+# with Monte-Carlo Gamma, and sum |x| / mean of the 16 samples pinned per method and trajectory. A silent change of
+# the sampling order (which draw goes where), of a mean or of a variance moves these numbers.
+GOLDEN = {  # (trajectory, method): (sum |x|, mean)
+    ("even", "ddpm_beta"): (114.95056, 0.30385077),
+    ("even", "ddpm_beta_tilde"): (96.79894, 0.33255720),
+    ("even", "analytic_ddpm"): (102.63607, 0.34303138),
+    ("even", "ddim"): (111.87640, 0.19944755),
+    ("even", "analytic_ddim"): (114.60847, 0.17609857),
+    ("optimal", "ddpm_beta"): (123.91619, 0.13846133),
+    ("optimal", "ddpm_beta_tilde"): (113.91283, 0.13522843),
+    ("optimal", "analytic_ddpm"): (116.63300, 0.13906818),
+}
+
+
+@pytest.fixture(scope="module")
+def golden_setup():
+    from analytic_dpm import estimate_gamma
+    from analytic_dpm.oracles import GaussianMixtureOracle
+
+    oracle = GaussianMixtureOracle(SCHED, [-0.5, 0.4], [0.2, 0.3], [0.3, 0.7], shape=(1, 4, 4))
+    gamma = estimate_gamma(oracle, SCHED, oracle.sample_data, 20, 1000, generator=torch.Generator().manual_seed(0),
+                           progress=False)
+    assert float(gamma.sum()) == pytest.approx(888.70941, abs=1e-3)
+    return oracle, gamma
+
+
+@pytest.mark.parametrize("trajectory,method", list(GOLDEN))
+def test_full_loop_golden_values(golden_setup, trajectory, method):
+    oracle, gamma = golden_setup
+    taus = make_trajectory(trajectory, 1000, 10, gamma, schedule=SCHED)
+    if trajectory == "optimal":
+        assert taus == [1, 33, 79, 174, 217, 284, 410, 498, 594, 1000]
+    x = sample(oracle, SCHED, taus, method, (16, 1, 4, 4), gamma=gamma, generator=torch.Generator().manual_seed(2022),
+               clip_sigma_y=1.0 if method == "analytic_ddpm" else None, eta=0.5 if method == "ddim" else 0.0)
+    total, mean = GOLDEN[(trajectory, method)]
+    assert float(x.abs().sum()) == pytest.approx(total, abs=2e-3)
+    assert float(x.mean()) == pytest.approx(mean, abs=2e-6)
