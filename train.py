@@ -18,7 +18,7 @@ os.environ.setdefault("ADPM_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from analytic_dpm.training import run_cli
+    from analytic_dpm.training.run import run_cli
 
     return run_cli(cfg)
 

@@ -40,6 +40,7 @@ import contextlib
 import io
 import json
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -52,6 +53,10 @@ from analytic_dpm.fid import inception_weights as iw
 from analytic_dpm.fid.metrics import FEATURE_PRECISIONS, FeatureStats, InceptionFeatures, fid_from_stats
 from analytic_dpm.fid.sums import FeatureSums
 from analytic_dpm.fid.tm import InceptionFID
+
+# the earlier streaming (centred, Chan) statistics, kept as the test suite's oracle: the "old path" compared here
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
+from fid_oracle import StreamingStats  # noqa: E402
 
 DATA = "/work/shared/data/cifar10/jpeg_q75.npz"
 #: ``features``: the variants measured unless ``--variants`` says otherwise (PRECISION[+cl]:BATCH)
@@ -142,7 +147,7 @@ def explain(args) -> dict:
         np.savez(cache, **feats)
 
     def stats(f):
-        return FeatureStats.from_features(f)
+        return StreamingStats.from_features(f)
 
     def fid(fa, fb):  # today's path: centred (Chan) float64 statistics + symmetric eigh
         a, b = stats(fa), stats(fb)
@@ -201,7 +206,7 @@ def speed(args) -> dict:
             sync(dev)
             t0 = time.perf_counter()
             if name == "old":
-                st = FeatureStats()
+                st = StreamingStats()
                 for i in range(0, len(x), args.batch_size):
                     st.update(old(x[i : i + args.batch_size]))
             else:
@@ -298,15 +303,16 @@ def feature_pass(feats: InceptionFeatures, images: torch.Tensor, timer: CallTime
                  ) -> FeatureStats:
     """Statistics of ``images`` (already on the device), one timed call per batch; ``keep`` collects the features
     (left on the device: a copy to the host per call would synchronise)."""
-    stats = FeatureStats()
-    for start in range(0, len(images), feats.batch_size):
-        batch = images[start : start + feats.batch_size]
-        with timer.measure(len(batch)):
-            f = feats(batch)
-        stats.update(f)
-        if keep is not None:
-            keep.append(f)
-    return stats
+    def batches():
+        for start in range(0, len(images), feats.batch_size):
+            batch = images[start : start + feats.batch_size]
+            with timer.measure(len(batch)):
+                f = feats(batch)
+            if keep is not None:
+                keep.append(f)
+            yield f
+
+    return FeatureSums.accumulate(batches()).to_feature_stats()
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -127,7 +127,8 @@ def compose(overrides: list[str], out_dir: Path):
 
 
 def build_net(model_name: str, channels: int, size: int) -> torch.nn.Module:
-    from analytic_dpm.training.module import build_model, plain
+    from analytic_dpm.registry import plain
+    from analytic_dpm.training.module import build_model
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose([f"model={model_name}", "data=gaussian", f"data.channels={channels}",
@@ -241,8 +242,9 @@ def bench_train_project(model_name: str, shape, device, batch: int, warmup: int,
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import CSVLogger
 
+    from analytic_dpm.registry import plain
     from analytic_dpm.training.data import ReproducibleDataModule
-    from analytic_dpm.training.module import DiffusionModule, plain
+    from analytic_dpm.training.module import DiffusionModule
 
     steps = warmup + iters + 1  # + the first (compiling) step
     over = [f"model={model_name}", "data=gaussian", f"data.channels={shape[0]}", f"data.image_size={shape[1]}",

@@ -393,12 +393,10 @@ class Bench:
         return self.nets[key]
 
 
-def eval_settings(args: argparse.Namespace, device: torch.device):
-    """evaluate.py's settings for this measurement (its defaults wherever the bench has no option)."""
-    from analytic_dpm.evaluation.settings import EvalSettings
-
+def eval_config(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """evaluate.py's ``eval`` config for this measurement (its defaults wherever the bench has no option)."""
     weights = None if str(args.fid_weights).lower() == "none" else str(Path(args.fid_weights).expanduser())
-    return EvalSettings.from_config({
+    return {
         "K": list(args.K), "trajectory": [TRAJECTORY], "method": list(dict.fromkeys([*DDPM_METHODS, args.fid_method])),
         "metrics": ["nll", "fid"], "seed": int(args.seed), "device": str(device), "precision": "fp32",
         "compile": args.compile,
@@ -408,61 +406,66 @@ def eval_settings(args: argparse.Namespace, device: torch.device):
                 "batch_size": args.fid_batch, "feature_batch_size": args.feature_batch, "weights_path": weights,
                 "skip_if_missing_weights": True, "reference_images": args.reference_images,
                 "reference_cache": str(Path(args.reference_cache).expanduser()), "save_grid": False},
-    })
+    }
 
 
 def load_bench(args: argparse.Namespace, device: torch.device, budget: Budget) -> Bench:
-    """Checkpoint, data, Gamma and evaluate.py's context, as ``evaluate.py ckpt_path=...`` builds them."""
-    from analytic_dpm.evaluation.setup import UserError, calibrate_for_eval, eval_datamodule, network_context
-    from analytic_dpm.identity import digest_json, digest_state_dict, digest_tensor, short
-    from analytic_dpm.training import load_checkpoint
+    """Checkpoint, data, Gamma and evaluate.py's context, built by evaluate.py's own public path: an
+    :class:`~analytic_dpm.evaluation.EvalRequest` for this checkpoint, then :func:`~analytic_dpm.evaluation.
+    build_context` (FID off here: its reference is a part of its own, :func:`run_fid_reference`)."""
+    from omegaconf import OmegaConf
 
-    settings = eval_settings(args, device)
+    from analytic_dpm.errors import UserError
+    from analytic_dpm.evaluation import EvalRequest, EvalSettings, build_context
+    from analytic_dpm.training.checkpoint import read_checkpoint
+
+    eval_cfg = eval_config(args, device)
+    settings = EvalSettings.from_config(eval_cfg)
     try:
-        ck = load_checkpoint(args.ckpt, map_location=device)
+        stored = read_checkpoint(args.ckpt)["hyper_parameters"].get("data")
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
-    settings.check_against(ck.schedule.N)
-    stored = ck.hparams.get("data")
     if not isinstance(stored, Mapping):
-        raise UserError(f"{ck.path} has no data config (hyper_parameters.data); this bench needs the training data")
+        raise UserError(f"{args.ckpt} has no data config (hyper_parameters.data); this bench needs the training data")
     overrides = dict(args.data_override)
-    datamodule, data_cfg = eval_datamodule(None, f"{ck.path}: hyper_parameters.data", {**stored, **overrides})
-
-    gamma, gamma_M = ck.gamma, ck.gamma_meta.get("M")
+    cfg = OmegaConf.create({"ckpt_path": str(args.ckpt), "data": {**stored, **overrides} if overrides else None,
+                            "paths": {"output_dir": str(Path(args.out).expanduser().parent)},
+                            "wandb": {"mode": "disabled"}, "eval": {**eval_cfg, "metrics": ["nll"]}})
+    request = EvalRequest.from_config(cfg)
     gamma_source = "checkpoint"
-    if gamma is None:
-        log(budget, f"{ck.path} holds no Gamma: calibrating it here with M = {args.calibration_M} draws per timestep "
-                    f"on the training split, fp32 ({args.calibration_M * ck.schedule.N} network evaluations)")
-        fp32 = accel.prepare_eps_model(ck.model, precision="fp32", compile=False, device=device)
-        gamma = calibrate_for_eval(fp32, ck.schedule, datamodule, settings, device)  # evaluate's eval.recalibrate path
-        gamma_M, gamma_source = args.calibration_M, "calibrated by bench_precision (the checkpoint has none)"
-    model_id = short(digest_json({"weights": digest_state_dict(ck.model), "model": ck.hparams.get("model"),
-                                  "schedule": digest_tensor(ck.schedule.betas)}))  # evaluate.py's model_id
-    ctx = network_context(dataclasses.replace(settings, metrics=("nll",)), device, eps_model=ck.model,
-                           schedule=ck.schedule, gamma=gamma, gamma_M=gamma_M, datamodule=datamodule,
-                           data_cfg=data_cfg, model_id=model_id, model_step=ck.gamma_meta.get("checkpoint_step"))
+    try:
+        ctx = build_context(request)
+    except UserError as e:
+        if "holds no Gamma" not in str(e):
+            raise
+        log(budget, f"{args.ckpt} holds no Gamma: calibrating it here with M = {args.calibration_M} draws per "
+                    f"timestep on the training split, fp32 (evaluate.py's eval.recalibrate path)")
+        request = dataclasses.replace(request, settings=dataclasses.replace(request.settings, recalibrate=True))
+        ctx = build_context(request)
+        gamma_source = "calibrated by bench_precision (the checkpoint has none)"
+    net = ctx.eps_model
     meta = {
-        "checkpoint": {"path": str(Path(ck.path).resolve()), "step": ck.gamma_meta.get("checkpoint_step"),
-                       "epoch": ck.gamma_meta.get("checkpoint_epoch"), "weights": ck.gamma_meta.get("weights"),
-                       "model_id": model_id, "parameters": sum(p.numel() for p in ck.model.parameters())},
-        "gamma": {"source": gamma_source, "M": gamma_M, "seed": ck.gamma_meta.get("seed")},
-        "schedule": {"name": ck.schedule.name, "N": ck.schedule.N},
-        "data": {"dataset": ctx.dataset, "config": data_cfg, "overrides": overrides, "num_heldout": ctx.num_heldout,
-                 "is_image": ctx.is_image, "data_range": ctx.data_range, "sample_shape": list(ctx.sample_shape)},
+        "checkpoint": {"path": str(Path(args.ckpt).resolve()), "step": ctx.identity.get("model_step"),
+                       "weights": ctx.conventions.get("weights"), "model_id": ctx.identity.get("model_id"),
+                       "parameters": sum(p.numel() for p in net.parameters())},
+        "gamma": {"source": gamma_source, "M": ctx.gamma_M},
+        "schedule": {"name": ctx.schedule.name, "N": ctx.schedule.N},
+        "data": {"dataset": ctx.dataset, "config": request.data or stored, "overrides": overrides,
+                 "num_heldout": ctx.num_heldout, "is_image": ctx.is_image, "data_range": ctx.data_range,
+                 "sample_shape": list(ctx.sample_shape)},
         "nll_options": ctx.nll_options,
         "sampling": {"eta": settings.eta, "clip_x0": settings.clip_x0,
                      "clip_sigma_y": settings.fid.clip_sigma_y.get(args.fid_method)},
         "identity": ctx.identity,
     }
-    return Bench(args=args, device=device, settings=settings, ctx=ctx, datamodule=datamodule, meta=meta)
+    return Bench(args=args, device=device, settings=settings, ctx=ctx, datamodule=ctx.datamodule, meta=meta)
 
 
 # ------------------------------------------------------------------------------------------- the parts
 def run_nll(b: Bench, precision: str) -> dict[str, Any]:
     """NELBO per held-out image for every DDPM method and K, evaluate.py's blocks and seeds (module docstring)."""
-    from analytic_dpm.evaluation.grid import cell_seed
     from analytic_dpm.evaluation.modules import block_generator, block_ranges
+    from analytic_dpm.seeding import cell_seed
 
     net = b.network("nll", precision)
     x_all = b.ctx.heldout(b.args.nll_images)
@@ -488,7 +491,7 @@ def run_nll(b: Bench, precision: str) -> dict[str, Any]:
 
 def run_fid_reference(b: Bench) -> dict[str, Any]:
     """evaluate.py's FID metric with the training split's statistics (computed once, cached)."""
-    from analytic_dpm.evaluation.setup import fid_context
+    from analytic_dpm.evaluation.reference import fid_context
 
     fid_ctx = fid_context(b.settings, b.datamodule, b.device)
     if fid_ctx is None:
@@ -501,8 +504,8 @@ def run_fid_reference(b: Bench) -> dict[str, Any]:
 
 def run_fid(b: Bench, precision: str, seed: int) -> dict[str, Any]:
     """FID of ``--fid-samples`` samples at ``precision``, seeded as evaluate.py with eval.seed = --seed + seed."""
-    from analytic_dpm.evaluation.grid import cell_seed
     from analytic_dpm.evaluation.modules import block_generator, block_ranges
+    from analytic_dpm.seeding import cell_seed
 
     a, s = b.args, b.settings
     net = b.network("fid", precision)
@@ -537,7 +540,7 @@ def run_fid(b: Bench, precision: str, seed: int) -> dict[str, Any]:
 def reference_cache_file(b: Bench) -> Path:
     """Where evaluate.py's ``fid_context`` caches the reference statistics (its own rule), to size that part."""
     if b.reference_cache is None:
-        from analytic_dpm.evaluation.setup import reference_cache_path, reference_images
+        from analytic_dpm.evaluation.reference import reference_cache_path, reference_images
         from analytic_dpm.fid import data_fingerprint
 
         images = reference_images(b.settings, b.datamodule)
@@ -830,8 +833,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         res["meta"]["elapsed_s"] = round(budget.seconds - budget.left(), 1)
         atomic_write_text(out_path, json.dumps(_plain(res), indent=1, allow_nan=False))
 
-    from analytic_dpm.evaluation.settings import SettingsError
-    from analytic_dpm.evaluation.setup import UserError, pick_device
+    from analytic_dpm.errors import UserError
+    from analytic_dpm.evaluation.sources import pick_device
 
     try:
         device = pick_device(args.device or "auto")
@@ -839,8 +842,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None)
         log(budget, f"loading {args.ckpt} on {device}")
         b = load_bench(args, device, budget)
-    except (UserError, SettingsError, OSError, ValueError, RuntimeError) as e:
-        if not isinstance(e, (UserError, SettingsError)):  # a missing data dir, an unreadable file ...
+    except (UserError, OSError, ValueError, RuntimeError) as e:
+        if not isinstance(e, UserError):  # a missing data dir, an unreadable file ...
             traceback.print_exc()
         res["errors"].append(f"setup: {type(e).__name__}: {e}")
         save()

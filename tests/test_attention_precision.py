@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from analytic_dpm.errors import ConfigError
 from analytic_dpm.nets import UNet, attention_in_float32, set_attention_float32
 from analytic_dpm.nets.unet import AttentionBlock
-from analytic_dpm.training.errors import ConfigError
 from analytic_dpm.training.resume import resolve_resume
 
 

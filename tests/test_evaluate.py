@@ -14,11 +14,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from analytic_dpm import NoiseSchedule
-from analytic_dpm.evaluation import ResultStore, load_rows
-from analytic_dpm.evaluation.grid import EvalContext, FidContext, GridRunner, plan_cells
+from analytic_dpm.errors import UserError
+from analytic_dpm.evaluation import EvalContext, FidContext, GridRunner, ResultStore, load_rows, plan_cells
 from analytic_dpm.evaluation.run import evaluate
 from analytic_dpm.evaluation.settings import EvalSettings, SettingsError
-from analytic_dpm.evaluation.setup import UserError
 from analytic_dpm.oracles import GaussianOracle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,11 +143,11 @@ def test_fid_sampling_has_its_own_precision(tmp_path):
     assert runner.network("fid", 4).settings.precision == "bf16"
     assert runner.network("nll", 4).settings.precision == "fp32"
     ctx.fid_precision = "bf16"
-    assert runner.fid_identity("ddim")["sample_precision"] == "bf16"
+    assert runner.provenance.fid_identity("ddim")["sample_precision"] == "bf16"
     same = EvalSettings.from_config({**base, "precision": "bf16"})
     assert same.fid_precision == "bf16"
     ctx.identity = {"precision": "bf16"}
-    assert "sample_precision" not in GridRunner(ctx, ResultStore(tmp_path), same).fid_identity("ddim")
+    assert "sample_precision" not in GridRunner(ctx, ResultStore(tmp_path), same).provenance.fid_identity("ddim")
     with pytest.raises(SettingsError, match=r"eval\.fid\.precision.*fp32, tf32, bf16"):
         EvalSettings.from_config({**base, "fid": {"precision": "fp16"}})
 
@@ -198,7 +197,7 @@ def test_every_eval_config_composes(tmp_path):
 
 
 def test_bad_input_gives_clear_errors(tmp_path):
-    from analytic_dpm.evaluation.setup import load_gamma_file
+    from analytic_dpm.evaluation.gammas import load_gamma_file
 
     with pytest.raises(UserError, match="ckpt_path"):
         evaluate(_cfg(tmp_path, "wandb.mode=disabled"))
@@ -253,7 +252,7 @@ def test_checkpoint_grid_and_gamma_sources(tmp_path, tiny_ckpt):
 
 
 def test_checkpoint_without_gamma_says_how_to_calibrate(tmp_path, tiny_ckpt):
-    from analytic_dpm.evaluation.setup import UserError
+    from analytic_dpm.errors import UserError
 
     ckpt = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)
     ckpt["analytic_dpm"].pop("gamma")
@@ -264,7 +263,7 @@ def test_checkpoint_without_gamma_says_how_to_calibrate(tmp_path, tiny_ckpt):
 
 
 def test_missing_fid_weights_is_a_clear_error(tmp_path):
-    from analytic_dpm.evaluation.setup import fid_context
+    from analytic_dpm.evaluation.reference import fid_context
 
     def settings(*overrides):
         return EvalSettings.from_config(_cfg(tmp_path, *overrides).eval)

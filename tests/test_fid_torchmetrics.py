@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fid_oracle import StreamingStats, fid_of_stream  # the earlier streaming path: the oracle (tests/helpers)
 
 from analytic_dpm.fid import inception_weights as iw
-from analytic_dpm.fid.metrics import FeatureStats, InceptionFeatures, fid_from_stats, fid_of_stream
+from analytic_dpm.fid.metrics import FeatureStats, InceptionFeatures, fid_from_stats
 from analytic_dpm.fid.sums import FeatureSums, fid_from_sums, load_and_merge, merge_sums
 from analytic_dpm.fid.tm import InceptionFID
 
@@ -54,7 +55,7 @@ def run(random_inception_weights, tmp_path_factory):
         warnings.simplefilter("ignore", iw.InceptionWeightsWarning)
         old = InceptionFeatures(weights, batch_size=4)
     old_real, old_fake = old(real), old(fake)
-    ref_old = FeatureStats.from_features(old_real)
+    ref_old = StreamingStats.from_features(old_real)
     fid_old = fid_of_stream([fake[:3], fake[3:]], ref_old, old, len(fake), progress=False)
 
     metric = _metric(weights, batch_size=4)
@@ -131,7 +132,7 @@ def test_reference_cache_reused_without_inception(run):
     other.reset()
     assert int(other.fake_features_num_samples) == 0 and int(other.real_features_num_samples) == len(run["real"])
 
-    foreign = FeatureStats.from_features(run["old_real"], {"weights": "sha256:" + "0" * 64})
+    foreign = StreamingStats.from_features(run["old_real"], {"weights": "sha256:" + "0" * 64})
     with pytest.raises(ValueError, match="other|weights"):
         other.load_reference(foreign)
 
@@ -194,7 +195,7 @@ def _feats(n=100, d=64, seed=0):
 @pytest.mark.parametrize("sizes", [[100], [50, 50], [1, 2, 3, 94], [37, 0, 63], [13] * 7 + [9]])
 def test_shard_sums_merge_to_one_pass(sizes, tmp_path):
     feats = _feats()
-    ref = FeatureStats.from_features(_feats(seed=1))
+    ref = StreamingStats.from_features(_feats(seed=1))
     one = FeatureSums.from_features(feats)
     n = len(sizes)
     paths, start = [], 0
@@ -237,7 +238,7 @@ def test_merge_checks_shards(tmp_path):
     with pytest.raises(ValueError, match="not a FeatureSums file"):
         FeatureSums.load(evil)
     other = tmp_path / "stats.npz"
-    FeatureStats.from_features(feats).save(other)
+    StreamingStats.from_features(feats).save(other)
     with pytest.raises(ValueError, match="not a FeatureSums file"):
         FeatureSums.load(other)
     p = part(1).save(tmp_path / "ok.npz")
@@ -277,7 +278,7 @@ def test_metric_shards_equal_one_pass(run, tmp_path):
 def test_full_rank_2048_shards_fid_to_1e9(tmp_path):
     """With more samples than dimensions (full rank, as for real 10k-50k sets) merged shards give the
     one-pass FID to float64 rounding."""
-    feats, ref = _feats(2300, 2048, seed=3), FeatureStats.from_features(_feats(2300, 2048, seed=4))
+    feats, ref = _feats(2300, 2048, seed=3), StreamingStats.from_features(_feats(2300, 2048, seed=4))
     one = FeatureSums.from_features(feats)
     parts = [FeatureSums.from_features(feats[a:b], {"shard": i, "num_shards": 3})
              for i, (a, b) in enumerate([(0, 700), (700, 701), (701, 2300)])]  # fmt: skip

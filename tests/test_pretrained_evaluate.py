@@ -12,8 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from analytic_dpm.errors import UserError
 from analytic_dpm.evaluation.run import evaluate
-from analytic_dpm.evaluation.setup import UserError
 from analytic_dpm.training import calibrate as calibrate_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,9 +100,9 @@ def test_evaluate_pretrained_nll_fid_and_gamma_cache(tmp_path, image_folder, ran
     with pytest.raises(UserError, match="needs arrays 'mu' and 'sigma'"):
         evaluate(cfg(tmp_path / "run_bad", image_folder, *fid, f"eval.fid.reference_stats={tmp_path}/bad.npz"))
     # Gamma is reused from the cache in a new run directory: no calibration this time
-    import analytic_dpm.evaluation.setup as setup
+    import analytic_dpm.calibration as calibration
 
-    monkeypatch.setattr(setup, "estimate_gamma", lambda *a, **k: pytest.fail("Gamma was recalibrated"))
+    monkeypatch.setattr(calibration, "estimate_gamma", lambda *a, **k: pytest.fail("Gamma was recalibrated"))
     again = evaluate(cfg(tmp_path / "run2", image_folder, "eval.metrics=[nll]"))
     assert {r["gamma_hash"] for r in again} == {r["gamma_hash"] for r in rows}
     assert {r["model_id"] for r in again} == {r["model_id"] for r in rows}
@@ -120,7 +120,8 @@ def test_calibrate_cli_writes_a_gamma_file_that_evaluate_reads(tmp_path, image_f
     saved = torch.load(out, weights_only=True)
     assert saved["gamma"].shape == (201,) and saved["M"] == 1 and saved["model"]["kind"]
     rows = evaluate(cfg(tmp_path / "run", image_folder, "eval.metrics=[nll]", f"eval.gamma_path={out}"))
-    assert all(math.isfinite(r["nll_bpd"]) for r in rows) and all(r["gamma_M"] is None for r in rows)
+    # the rows keep the M the file records (the Gamma file knows it)
+    assert all(math.isfinite(r["nll_bpd"]) for r in rows) and all(r["gamma_M"] == 1 for r in rows)
     assert not (tmp_path / "gamma_cache").exists()  # the given file was used, nothing calibrated
 
 

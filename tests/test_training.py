@@ -14,19 +14,19 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from analytic_dpm.accel import CompileFallbackWarning
+from analytic_dpm.calibration import GammaCalibrationError, calibrate_gamma, check_calibrated_gamma
 from analytic_dpm.training import (
     GammaCalibration,
     LoadedCheckpoint,
-    StreamBatchSampler,
     calibrate_checkpoint,
-    calibrate_gamma,
     load_checkpoint,
-    run_cli,
     train,
 )
 from analytic_dpm.training import calibrate as calibrate_cli
-from analytic_dpm.training.calibration import GammaCalibrationError, check_calibrated_gamma
-from analytic_dpm.training.module import CompileFallbackWarning, TrainingDivergedError
+from analytic_dpm.training.data import StreamBatchSampler
+from analytic_dpm.training.module import TrainingDivergedError
+from analytic_dpm.training.run import run_cli
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The dirpath has changed"),  # each resumed run writes to its own dir
@@ -266,12 +266,11 @@ def test_calibrate_gamma_leaves_global_rng_alone():
     net.train()
     dm = GaussianDataModule(dim_shape=(1, 8, 8), num_train=16, num_test=4, batch_size=4)
     state = torch.random.get_rng_state()
-    gamma, seconds = calibrate_gamma(net, NoiseSchedule.linear(30), dm, 2, 16,
-                                     generator=torch.Generator().manual_seed(1), progress=False)
+    gamma, seconds = calibrate_gamma(net, NoiseSchedule.linear(30), dm.train_pool(None), 2, 16, seed=1,
+                                     progress=False)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert net.training  # mode restored
-    gamma2, _ = calibrate_gamma(net, NoiseSchedule.linear(30), dm, 2, 16,
-                                generator=torch.Generator().manual_seed(1), progress=False)
+    gamma2, _ = calibrate_gamma(net, NoiseSchedule.linear(30), dm.train_pool(None), 2, 16, seed=1, progress=False)
     assert torch.equal(gamma, gamma2) and gamma.dtype == torch.float64 and seconds >= 0
 
 
@@ -429,7 +428,7 @@ def test_bf16_divergence_message_suggests_fp32(tmp_path):
 
 
 def test_gamma_calibration_refuses_a_non_finite_gamma(tmp_path, monkeypatch):
-    from analytic_dpm.training import calibration
+    from analytic_dpm import calibration
 
     def broken_gamma(*args, **kwargs):
         g = torch.full((51,), 0.5, dtype=torch.float64)
@@ -460,12 +459,12 @@ def test_calibrate_gamma_names_where_a_network_overflows():
     dm = GaussianDataModule(dim_shape=(1, 4, 4), num_train=16, num_test=4, batch_size=4)
     for value in (float("inf"), 1e30):  # a non-finite output; a finite output whose square overflows
         with pytest.raises(GammaCalibrationError, match="at epoch 3, step 40.*diverged"):
-            calibrate_gamma(Exploding(value), NoiseSchedule.linear(50), dm, 1, 16, progress=False,
-                            generator=torch.Generator().manual_seed(0), where="at epoch 3, step 40")
+            calibrate_gamma(Exploding(value), NoiseSchedule.linear(50), dm.train_pool(None), 1, 16, progress=False,
+                            seed=0, where="at epoch 3, step 40")
 
 
 def test_gamma_above_one_on_most_timesteps_warns(tmp_path, monkeypatch, caplog):
-    from analytic_dpm.training import calibration
+    from analytic_dpm import calibration
 
     def high_gamma(*args, **kwargs):
         g = torch.full((51,), 1.5, dtype=torch.float64)

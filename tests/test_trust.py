@@ -19,15 +19,14 @@ from hydra import compose, initialize_config_dir
 from lightning import Callback
 
 from analytic_dpm import NoiseSchedule, estimate_gamma, nll_bpd, sample
-from analytic_dpm.evaluation import ResultStore, load_rows
-from analytic_dpm.evaluation.grid import EvalContext, FidContext, GridRunner, plan_cells
+from analytic_dpm.errors import ConfigError, UserError
+from analytic_dpm.evaluation import EvalContext, FidContext, GridRunner, ResultStore, load_rows, plan_cells
 from analytic_dpm.evaluation.run import CellsFailed, evaluate
 from analytic_dpm.evaluation.run import run_cli as eval_cli
 from analytic_dpm.evaluation.settings import EvalSettings
-from analytic_dpm.evaluation.setup import UserError
 from analytic_dpm.oracles import GaussianOracle
-from analytic_dpm.training import ConfigError, calibrate_checkpoint, load_checkpoint, train
 from analytic_dpm.training import calibrate as calibrate_cli
+from analytic_dpm.training import calibrate_checkpoint, load_checkpoint, train
 from analytic_dpm.training.run import run_cli as train_cli
 from analytic_dpm.validation import NonFiniteOutputError
 

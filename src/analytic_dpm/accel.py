@@ -46,6 +46,7 @@ __all__ = [
     "PRECISIONS",
     "AccelSettings",
     "CompileFallbackWarning",
+    "parse_flag",
     "PreparedEpsModel",
     "precision_scope",
     "prepare_eps_model",
@@ -93,7 +94,9 @@ class AccelSettings:
         return asdict(self)
 
 
-def _parse_compile(value: Any) -> bool | str:
+def parse_flag(value: Any, name: str = "compile") -> bool | str:
+    """An on/off/auto switch (``compile``, ``fused_optimizer``, ...): True, False or ``"auto"``; accepts booleans and
+    auto / true / on / yes / 1 / false / off / no / 0 / none (any case). ``ValueError`` naming ``name`` otherwise."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -103,7 +106,7 @@ def _parse_compile(value: Any) -> bool | str:
         return True
     if text in ("false", "off", "no", "0", "none"):
         return False
-    raise ValueError(f"compile={value!r}: use auto, true or false")
+    raise ValueError(f"{name}={value!r}: use auto, true or false")
 
 
 def resolve_settings(
@@ -130,7 +133,7 @@ def resolve_settings(
         if isinstance(static_batch, bool) or int(static_batch) != static_batch or int(static_batch) < 1:
             raise ValueError(f"static_batch must be a positive integer or None, got {static_batch!r}")
         static_batch = int(static_batch)
-    want = _parse_compile(compile)
+    want = parse_flag(compile)
     do_compile = device_type == "cuda" if want == "auto" else bool(want)
     if do_compile and mode in _CUDAGRAPH_MODES and device_type != "cuda":
         warnings.warn(f"compile mode {mode!r} uses CUDA graphs, which need a CUDA device; using the default mode "

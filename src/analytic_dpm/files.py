@@ -3,6 +3,8 @@
 * :func:`atomic_write` writes through a temporary file in the target's directory, fsyncs it, gives it the
   permissions any new file of this process would get (``0o666 & ~umask``; ``mkstemp`` alone makes it owner-only),
   and renames it over the target, so a reader never sees a truncated file and a crash leaves the old one.
+* :func:`safe_torch_load` reads a file that may come from someone else: ``torch.load(weights_only=True)`` (data, never
+  code), with one clear message per way a file can be wrong (empty, truncated, not torch's, holding pickled objects).
 * :func:`file_lock` is an exclusive advisory lock (POSIX ``lockf``, which also works on NFS, where SLURM jobs of
   one sweep share a directory) held while a process reads, merges and rewrites a shared file, or computes a cached
   result once for every process that wants it (FID reference statistics, a pretrained model's Gamma).
@@ -14,13 +16,15 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_text", "file_lock"]
+__all__ = ["atomic_write", "atomic_write_text", "file_lock", "safe_torch_load"]
 
 log = logging.getLogger(__name__)
 #: errors of a non-blocking lockf that mean "another process holds the lock" (anything else: no locking here)
@@ -111,3 +115,42 @@ def file_lock(path: str | os.PathLike, timeout: float | None = 600.0, what: str 
                 fcntl.lockf(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def safe_torch_load(path: str | os.PathLike, map_location="cpu", what: str = "file", **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True)`` with a ``ValueError`` that says what is wrong with the file.
+
+    Never suggests ``weights_only=False``: a file that needs it holds pickled code, which this project refuses to
+    run (it may come from someone else). ``what`` names the file in messages ("checkpoint", "Gamma file", ...);
+    ``kwargs`` go to ``torch.load`` (e.g. ``mmap=True``).
+    """
+    import torch
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): not a {what}; was it written completely?")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip and head.startswith(b"PK"):  # torch.save's zip archive, cut short: its directory is missing
+        raise ValueError(f"{path} is truncated or damaged: a zip archive (torch.save's format) without its end; "
+                         f"was it written completely? Use another copy of the {what}")
+    if not is_zip and not head.startswith(b"\x80"):  # neither torch.save's zip nor its legacy pickle format
+        raise ValueError(f"{path} is not a readable PyTorch {what}: not a file written by torch.save")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+        text = str(e)
+        if "Unsupported global" in text:
+            found = re.search(r"GLOBAL (\S+)", text)
+            detail = f" (it names {found.group(1)})" if found else ""
+            raise ValueError(
+                f"{path} holds pickled Python objects besides tensors and plain containers{detail}; refusing to "
+                f"unpickle it, since that could run code. A {what} of this project holds only tensors, numbers, "
+                "strings, lists and dicts."
+            ) from None
+        if is_zip:
+            reason = f"a damaged archive ({type(e).__name__})"
+        else:
+            reason = "not a file written by torch.save (no zip archive inside)"
+        raise ValueError(f"{path} is not a readable PyTorch {what}: {reason}") from None

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .files import safe_torch_load
+from .identity import digest_tensor
 from .pixels import to_model_space
 from .schedule import NoiseSchedule
 from .validation import FiniteWatch
@@ -123,35 +125,70 @@ def gamma_warnings(gamma: Tensor, schedule: NoiseSchedule | None = None) -> list
     return out
 
 
-def read_gamma_vector(path: str | Path):
-    """The raw Gamma vector stored in a file: ``.npy``, ``.json`` (a list, or ``{"gamma": [...]}``), or ``.pt``/``.pth``
-    (a tensor, a dict with ``"gamma"``, or a training checkpoint with ``["analytic_dpm"]["gamma"]``).
+#: the format tag of the Gamma files this package writes (calibrate CLI, evaluation's Gamma cache)
+GAMMA_FILE_FORMAT = "analytic_dpm.gamma/1"
 
-    Reads data only (``weights_only=True``, ``allow_pickle=False``): a Gamma file may come from someone else.
+
+def read_gamma_file(path: str | Path) -> tuple[Tensor, dict]:
+    """``(gamma as a float64 CPU tensor, the file's metadata)`` from ``.npy``, ``.json`` (a list, or
+    ``{"gamma": [...], ...}``) or ``.pt``/``.pth`` (a tensor, a dict with ``"gamma"``, or a training checkpoint with
+    ``["analytic_dpm"]["gamma"]``). Metadata: a training checkpoint's Gamma fields (``gamma_M`` as ``M``), or the
+    other entries of a Gamma file (``M``, ``seed``, ``key``, ``sha256``, ...).
+
+    A file written by :func:`save_gamma_file` carries the sha256 of its vector, which is checked: a vector changed
+    after it was written (scaled, replaced) raises ``ValueError``. Reads data only (``weights_only=True``,
+    ``allow_pickle=False``): a Gamma file may come from someone else.
     """
     import numpy as np
 
     p = Path(path).expanduser()
+    meta: dict = {}
     if p.suffix == ".npy":
-        return np.load(p, allow_pickle=False)
-    if p.suffix == ".json":
-        obj = json.loads(p.read_text())
+        obj = np.load(p, allow_pickle=False)
     else:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict):
-        if "gamma" in obj:
-            obj = obj["gamma"]
-        elif isinstance(obj.get("analytic_dpm"), dict) and "gamma" in obj["analytic_dpm"]:
-            obj = obj["analytic_dpm"]["gamma"]
-        else:
-            raise ValueError(f"{p}: no 'gamma' entry (keys: {sorted(map(str, obj))})")
-    return obj
+        obj = json.loads(p.read_text()) if p.suffix == ".json" else safe_torch_load(p, what="Gamma file")
+        if isinstance(obj, dict):
+            if "gamma" in obj:
+                meta = {k: v for k, v in obj.items() if k != "gamma"}
+                obj = obj["gamma"]
+            elif isinstance(obj.get("analytic_dpm"), dict) and "gamma" in obj["analytic_dpm"]:
+                state = obj["analytic_dpm"]
+                meta = {"M": state.get("gamma_M"), "seed": state.get("gamma_seed"), "source": "checkpoint"}
+                obj = state["gamma"]
+            else:
+                raise ValueError(f"{p}: no 'gamma' entry (keys: {sorted(map(str, obj))})")
+    try:
+        gamma = torch.as_tensor(np.asarray(obj.cpu() if isinstance(obj, Tensor) else obj, dtype=np.float64))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{p}: the 'gamma' entry is not a vector of numbers ({e})") from None
+    stored = meta.get("sha256")
+    if stored is not None and stored != digest_tensor(gamma):
+        raise ValueError(f"{p}: the Gamma vector does not match the checksum written with it (it was changed after "
+                         "it was written)")
+    return gamma, meta
+
+
+def read_gamma_vector(path: str | Path) -> Tensor:
+    """The Gamma vector of a file (:func:`read_gamma_file`), float64."""
+    return read_gamma_file(path)[0]
+
+
+def load_gamma(path: str | Path, N: int | None = None) -> Tensor:
+    """A Gamma to use, from a file of the calibrate CLI, evaluation's Gamma cache, a training checkpoint, or a
+    ``.npy``/``.json`` of your own: float64 ``[N+1]`` with gamma_0 = 0, checked (checksum, finite, >= 0, length N+1
+    when ``N`` is given). For example ``AnalyticDPMScheduler.from_config(config, gamma=load_gamma(path))``."""
+    from .validation import check_gamma
+
+    gamma, _ = read_gamma_file(path)
+    return check_gamma(gamma, len(gamma) - 1 if N is None else int(N))
 
 
 def save_gamma_file(path: str | Path, gamma: Tensor, **meta) -> Path:
-    """Write ``{"gamma": float64 tensor, **meta}`` with ``torch.save`` (atomically); :func:`read_gamma_vector` and
-    ``eval.gamma_path`` read it back. ``meta`` must be plain data (M, seed, the model's identity, ...)."""
+    """Write ``{"format", "gamma": float64 tensor, "sha256": of the vector, **meta}`` with ``torch.save``
+    (atomically); :func:`read_gamma_file`, :func:`load_gamma` and ``eval.gamma_path`` read it back. ``meta`` must be
+    plain data (M, seed, the key it was computed for, the model's identity, ...)."""
     from .files import atomic_write
 
-    obj = {"gamma": torch.as_tensor(gamma, dtype=torch.float64).cpu(), **meta}
+    g = torch.as_tensor(gamma, dtype=torch.float64).cpu().contiguous()
+    obj = {"format": GAMMA_FILE_FORMAT, "gamma": g, "sha256": digest_tensor(g), **meta}
     return atomic_write(path, lambda fh: torch.save(obj, fh))

@@ -5,6 +5,7 @@ it was computed by the same network, Gamma, data and settings. Hashes are sha256
 
 * tensors: dtype, shape and the raw bytes (contiguous, on the CPU);
 * a network: its state dict, keys sorted (parameters and persistent buffers);
+* a file (weights, reference statistics): its bytes (:func:`file_sha256`);
 * settings: canonical JSON (sorted keys, no whitespace); floats by ``repr``, so 0.1 and 0.1000001 differ.
 
 ``short`` hashes are the first 16 hex digits (64 bits): enough to tell runs apart, short enough for a CSV column.
@@ -15,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["digest_json", "digest_state_dict", "digest_tensor", "short"]
+__all__ = ["digest_json", "digest_state_dict", "digest_tensor", "file_sha256", "short"]
 
 SHORT = 16
 
@@ -78,3 +80,12 @@ def digest_json(obj: Any) -> str:
     """``sha256:<hex>`` of a JSON-able object in canonical form (sorted keys, tensors by content)."""
     text = json.dumps(_canonical(obj), sort_keys=True, separators=(",", ":"))
     return f"sha256:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """``sha256:<hex>`` of a file's bytes (a weights file, a statistics file), read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"

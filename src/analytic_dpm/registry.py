@@ -18,8 +18,10 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from .errors import UserError
+
 __all__ = ["DATAMODULE_CLASSES", "NETWORK_CLASSES", "UnsafeConfigError", "build_datamodule", "build_network",
-           "check_plain", "missing_value_message"]
+           "check_plain", "plain"]
 
 #: accepted ``_target_`` -> "module:Class" (networks)
 NETWORK_CLASSES: dict[str, str] = {
@@ -44,7 +46,7 @@ DATAMODULE_CLASSES: dict[str, str] = {
 _PLAIN = (str, int, float, bool, type(None))
 
 
-class UnsafeConfigError(ValueError):
+class UnsafeConfigError(UserError, ValueError):
     """A config read from a file names something outside the allow list or holds non-plain data."""
 
 
@@ -110,7 +112,25 @@ def build_datamodule(cfg: Mapping, where: str = "data", **overrides: Any):
     return _build(DATAMODULE_CLASSES, cfg, "datamodule", where, overrides)
 
 
-def missing_value_message(err) -> str:
-    """``data.train_dir is required: pass data.train_dir=...`` for OmegaConf's MissingMandatoryValue (``???``)."""
-    key = getattr(err, "full_key", None) or str(err).split("\n")[0]
-    return f"{key} is required: pass {key}=... on the command line"
+def plain(obj: Any, *, missing_ok: bool = True) -> Any:
+    """A deep copy of ``obj`` made only of dict / list / str / int / float / bool / None (OmegaConf resolved).
+
+    ``missing_ok=False``: a mandatory value left unset (``???``) raises OmegaConf's ``MissingMandatoryValue``
+    (which every command line reports as ``<key> is required: pass <key>=...``) instead of staying the text ``???``.
+    """
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            obj = OmegaConf.to_container(obj, resolve=True, throw_on_missing=not missing_ok)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, Mapping):
+        return {str(k): plain(v, missing_ok=missing_ok) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v, missing_ok=missing_ok) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if callable(getattr(obj, "numel", None)) and obj.numel() == 1:  # a one-element tensor
+        return obj.item()
+    return str(obj)

@@ -62,8 +62,8 @@ class SlowOracle(torch.nn.Module):
 
 def gamma(cache_dir: str, log: str, out: str) -> None:
     from analytic_dpm.data import GaussianDataModule
+    from analytic_dpm.evaluation.gammas import cached_gamma
     from analytic_dpm.evaluation.settings import EvalSettings
-    from analytic_dpm.evaluation.setup import cached_gamma
     from analytic_dpm.schedule import NoiseSchedule
 
     dm = GaussianDataModule(dim_shape=(1, 4, 4), num_train=64, num_test=8, seed=0)

@@ -14,6 +14,7 @@ from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import UserError
 from ..pixels import from_model_space, to_model_space  # re-exported: the datamodules' batch contract
 
 __all__ = [
@@ -26,7 +27,7 @@ __all__ = [
 ]
 
 
-class DatasetNotAvailableError(RuntimeError):
+class DatasetNotAvailableError(UserError, RuntimeError):
     """The files of a dataset are missing and could not be obtained; the message says what to do."""
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import MissingFileError
 from .common import DatasetNotAvailableError, InMemoryDataModule, check_geometry
 from .fashion_mnist_files import DEBIAN_DIR, SETUP_COMMAND, fill_raw_from_debian, missing_raw_files, raw_dir
 from .sources import cached_decode, list_images, resample_filter
@@ -374,7 +375,7 @@ class ImageFolderDataModule(InMemoryDataModule):
         directory = self._dir(split)
         key = "train_dir" if split == "train" else "test_dir"
         if not directory.is_dir():
-            raise FileNotFoundError(f"{self.name}: {key} {directory} does not exist (set data.{key}=...)")
+            raise MissingFileError(f"{self.name}: {key} {directory} does not exist (set data.{key}=...)")
         paths = list_images(directory)
         limit = self.max_images[split]
         if limit is not None and limit < len(paths):

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import MissingFileError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "cached_decode",
@@ -46,7 +48,7 @@ def list_images(directory: str | os.PathLike) -> list[Path]:
     """
     root = Path(directory).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"image directory not found: {root}")
+        raise MissingFileError(f"image directory not found: {root}")
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -55,7 +57,7 @@ def list_images(directory: str | os.PathLike) -> list[Path]:
                 found.append(Path(dirpath) / f)
     found.sort(key=lambda p: p.relative_to(root).as_posix())
     if not found:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no images found under {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
         )
     return found

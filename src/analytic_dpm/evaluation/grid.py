@@ -14,69 +14,25 @@ import json
 import logging
 import math
 import time
-import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..files import atomic_write_text
-from ..identity import digest_json, short
-from ..methods import METHODS, check_method
-from ..schedule import NoiseSchedule
+from ..methods import check_method
+from ..seeding import cell_seed
 from ..trajectory import TRAJECTORY_KINDS, make_trajectory
 from ..validation import NonFiniteOutputError
-from ..variance import reverse_variance, variance_bounds
-from .results import ResultStore, normalize_row
+from .context import Cell, EvalContext
+from .provenance import ID_COLUMNS, Provenance
+from .results import ResultStore
 from .settings import EvalSettings
 from .shards import read_shard_id, shard_path, write_nll_shard
 
 log = logging.getLogger(__name__)
 NLL_UNDEFINED_DDIM = "not defined for the DDIM forward process (lambda = 0 makes the bound infinite)"
-
-
-@dataclass
-class EvalContext:
-    """Everything a grid needs, independent of where it came from (checkpoint or oracle)."""
-
-    eps_model: Callable[[Tensor, Tensor], Tensor]
-    schedule: NoiseSchedule
-    gamma: Tensor
-    gamma_M: int | None
-    dataset: str
-    data_range: tuple[float, float] | None
-    heldout: Callable[[int | None], Tensor]  # n -> held-out batch in model space
-    num_heldout: int
-    sample_shape: tuple[int, ...]  # (C, H, W)
-    device: torch.device
-    is_image: bool = True
-    fid: Any = None  # FidContext or None
-    nll_options: dict = field(default_factory=dict)
-    identity: dict = field(default_factory=dict)  # the run's identity (setup._run_identity): model, Gamma, seed...
-    # the network's precision while sampling for FID, as recorded (eval.fid.precision, else the run's precision)
-    fid_precision: str | None = None
-
-
-@dataclass
-class FidContext:
-    metric: Any  # analytic_dpm.fid.InceptionFID with the reference (real) statistics loaded
-    reference_path: str | None = None  # where the reference statistics are on disk (shard merges read them)
-    identity: dict = field(default_factory=dict)  # Inception weights and reference statistics
-
-
-@dataclass(frozen=True)
-class Cell:
-    method: str
-    trajectory: str
-    K: int
-
-    @property
-    def forward(self) -> str:
-        return METHODS[self.method]
 
 
 def as_list(value) -> list:
@@ -105,18 +61,14 @@ def plan_cells(methods, trajectories, Ks, N: int) -> list[Cell]:
     return [Cell(m, t, k) for t in trajectories for k in Ks for m in methods]
 
 
-def cell_seed(base: int, *parts) -> int:
-    """A per-cell seed, so a cell is reproducible when run alone (multirun job, resume)."""
-    return zlib.crc32("/".join(str(p) for p in (base, *parts)).encode()) & 0x7FFFFFFF
-
-
 class GridRunner:
     """Computes the requested cells of a grid into a :class:`ResultStore`, skipping what is already there.
 
-    A metric of a cell is reused only when the stored row's id (``nll_id`` / ``fid_id``) equals the id this run
-    produces (:meth:`nll_id`, :meth:`fid_id`); :meth:`conflicts` lists stored values computed by anything else, which
-    the caller refuses or redirects before calling :meth:`run`. A cell whose network output is not finite is
-    recorded as failed (value None, the reason in ``note``) and listed in :attr:`failures`.
+    What a number depends on is :attr:`provenance`'s (:mod:`.provenance`): a metric of a cell is reused only when
+    the stored row's id (``nll_id`` / ``fid_id``) equals the id this run produces, and :meth:`conflicts` lists stored
+    values computed by anything else, which the caller refuses or redirects before calling :meth:`run`. A cell whose
+    network output is not finite is recorded as failed (value None, the reason in ``note``) and listed in
+    :attr:`failures`.
     """
 
     def __init__(self, ctx: EvalContext, store: ResultStore, settings: EvalSettings,
@@ -130,7 +82,7 @@ class GridRunner:
         self.shard, self.num_shards = settings.shard, settings.num_shards
         if "fid" in self.metrics and not ctx.is_image:
             log.warning("FID needs images: not defined for %s", ctx.dataset)
-        self._nll_id: str | None = None
+        self.provenance = Provenance(ctx, settings)
         self._nets: dict[tuple[str, int], Any] = {}
 
     def network(self, phase: str, batch: int):
@@ -152,71 +104,11 @@ class GridRunner:
         """Rank 0 writes results (every rank computes)."""
         return self.trainer is None or self.trainer.is_global_zero
 
-    # ------------------------------------------------------------------ identity
-    def nll_identity(self) -> dict:
-        n = self.ctx.num_heldout if self.s.nll.num_images is None else min(self.s.nll.num_images,
-                                                                           self.ctx.num_heldout)
-        return {**self.ctx.identity, "metric": "nll", "num_images": n, "batch_size": self.s.nll.batch_size,
-                "network_batch": self.s.nll.network_batch, "nll_options": self.ctx.nll_options}
-
-    def fid_identity(self, method: str) -> dict:
-        f = self.s.fid
-        ident = {**self.ctx.identity, "metric": "fid", "num_samples": f.num_samples, "batch_size": f.batch_size,
-                 "clip_sigma_y": f.clip_sigma_y.get(method), "features": getattr(self.ctx.fid, "identity", None)}
-        sampling = self.ctx.fid_precision
-        if sampling and sampling != self.ctx.identity.get("precision"):  # absent when equal: older fid_ids stay
-            ident["sample_precision"] = sampling
-        return ident
-
-    def nll_id(self) -> str:
-        if self._nll_id is None:
-            self._nll_id = short(digest_json(self.nll_identity()))
-        return self._nll_id
-
-    def fid_id(self, method: str) -> str:
-        return short(digest_json(self.fid_identity(method)))
-
-    def identities(self) -> dict[str, dict]:
-        """id -> the full identity it hashes, for ``identities.json`` (what produced each number, readable)."""
-        out = {self.nll_id(): self.nll_identity()} if "nll" in self.metrics else {}
-        if "fid" in self.metrics and self.ctx.fid is not None:
-            for m in self.s.method:
-                out[self.fid_id(m)] = self.fid_identity(m)
-        return out
-
     def conflicts(self) -> list[str]:
-        """Stored values that this run would not have produced (another model, Gamma, seed, settings, version)."""
-        i = self._base_row(Cell("ddpm_beta", "even", 1))
-        run_cols = {c: i[c] for c in ("model_id", "gamma_hash", "seed", "precision", "gamma_policy", "version",
-                                      "dataset", "N")}
-        run_cols = {c: normalize_row({**i, c: v})[c] for c, v in run_cols.items()}  # as stored (e.g. "" for None)
-        out: list[str] = []
-        for row in self.store.rows:
-            if row["nll_bpd"] is None and row["fid"] is None:
-                continue
-            where = f"{row['method']}/{row['trajectory']}/K={row['K']}"
-            diffs = [f"{c} {row[c]!r} (now {v!r})" for c, v in run_cols.items() if row.get(c) != v]
-            if diffs:
-                out.append(f"{where}: {', '.join(diffs)}")
-                continue
-            if "nll" in self.metrics and row["nll_bpd"] is not None and row["nll_id"] != self.nll_id():
-                out.append(f"{where}: NLL computed with other NLL settings (nll_id {row['nll_id'] or '-'}, now "
-                           f"{self.nll_id()}; e.g. num_nll_images {row['num_nll_images']})")
-            if ("fid" in self.metrics and self.ctx.fid is not None and row["fid"] is not None
-                    and row["method"] in METHODS and row["fid_id"] != self.fid_id(row["method"])):
-                out.append(f"{where}: FID computed with other FID settings (fid_id {row['fid_id'] or '-'}, now "
-                           f"{self.fid_id(row['method'])}; e.g. num_fid_samples {row['num_fid_samples']})")
-        return out
+        """Stored values that this run would not have produced (:meth:`.provenance.Provenance.conflicts`)."""
+        return self.provenance.conflicts(self.store.rows)
 
     # ------------------------------------------------------------------ helpers
-    def _base_row(self, cell: Cell) -> dict:
-        i = self.ctx.identity
-        return dict(dataset=self.ctx.dataset, schedule=self.ctx.schedule.name, N=self.ctx.schedule.N,
-                    forward=cell.forward, method=cell.method, trajectory=cell.trajectory, K=cell.K,
-                    gamma_M=self.ctx.gamma_M, seed=self.seed, model_id=i.get("model_id"),
-                    model_step=i.get("model_step"), gamma_hash=i.get("gamma_hash"), precision=i.get("precision"),
-                    gamma_policy=self.s.gamma_policy, version=i.get("version"))
-
     def _key(self, cell: Cell) -> tuple:
         return (self.ctx.dataset, self.ctx.schedule.name, self.ctx.schedule.N, cell.method, cell.trajectory, cell.K)
 
@@ -248,16 +140,16 @@ class GridRunner:
 
     def _nll_done(self, c: Cell) -> bool:
         if self.num_shards > 1 and c.forward == "ddpm":
-            return read_shard_id(self._shard_file(c, "nll")) == self.nll_id()
-        return self.store.done(self._key(c), ("nll_bpd",), {"nll_bpd": self.nll_id()})
+            return read_shard_id(self._shard_file(c, "nll")) == self.provenance.nll_id()
+        return self.store.done(self._key(c), ("nll_bpd",), {"nll_bpd": self.provenance.nll_id()})
 
     def _fid_done(self, c: Cell) -> bool:
         if self.ctx.fid is None and self.ctx.is_image:  # not computable now: only a "not computed" note
             row = self.store.get(self._key(c)) or {}
             return "FID: not computed" in row.get("note", "")
         if self.num_shards > 1 and self.ctx.fid is not None:
-            return read_shard_id(self._shard_file(c, "fid")) == self.fid_id(c.method)
-        return self.store.done(self._key(c), ("fid",), {"fid": self.fid_id(c.method) if self.ctx.fid else ""})
+            return read_shard_id(self._shard_file(c, "fid")) == self.provenance.fid_id(c.method)
+        return self.store.done(self._key(c), ("fid",), {"fid": self.provenance.metric_id("fid", c.method)})
 
     # ------------------------------------------------------------------ the grid
     def plan(self, cells: Sequence[Cell]) -> list[tuple[str, Cell | list[Cell]]]:
@@ -289,7 +181,7 @@ class GridRunner:
 
     def _record(self, cell: Cell, metric: str, value, note: str, **extra) -> None:
         """A metric that is not a number: NaN = not defined; None = not computed or failed (note says which)."""
-        row = self._base_row(cell)
+        row = self.provenance.row(cell)
         row[metric] = value
         row["note"] = note
         row.update(extra)
@@ -298,8 +190,8 @@ class GridRunner:
         self._save(row)
 
     def _undefined(self, cell: Cell, metric: str, reason: str) -> None:
-        id_col = {"nll_bpd": "nll_id", "fid": "fid_id"}[metric]
-        ident = self.nll_id() if metric == "nll_bpd" else (self.fid_id(cell.method) if self.ctx.fid else "")
+        id_col = ID_COLUMNS[metric]
+        ident = self.provenance.metric_id(metric, cell.method)
         self._record(cell, metric, math.nan, f"{'NLL' if metric == 'nll_bpd' else 'FID'}: {reason}",
                      **{id_col: ident})
 
@@ -361,27 +253,26 @@ class GridRunner:
         if int(res["bad_t"]) <= self.ctx.schedule.N:
             self._failed(ddpm, "nll_bpd", NonFiniteOutputError("nll_bpd", int(res["bad_t"])))
             return
-        n = int(res["count"])
+        n, nll_id = int(res["count"]), self.provenance.nll_id()
         if self.num_shards > 1:
             if self.is_writer:
                 key = dict(dataset=self.ctx.dataset, schedule=self.ctx.schedule.name, N=self.ctx.schedule.N,
                            trajectory=ddpm[0].trajectory, K=ddpm[0].K)
-                write_nll_shard(self._shard_file(ddpm[0], "nll"), nll_id=self.nll_id(), key=key, methods=methods,
+                write_nll_shard(self._shard_file(ddpm[0], "nll"), nll_id=nll_id, key=key, methods=methods,
                                 bpd_sums=res["bpd"].tolist(), term_sums=res["terms"].tolist(), count=n, taus=taus,
                                 shard=self.shard, num_shards=self.num_shards)
             for c in ddpm:
                 self._record(c, "nll_bpd", None, f"NLL: shard {self.shard} of {self.num_shards} written "
-                             "(merge the jobs' directories for the value)", nll_id=self.nll_id())
+                             "(merge the jobs' directories for the value)", nll_id=nll_id)
             return
         for i, c in enumerate(ddpm):
-            row = self._base_row(c)
-            row.update(nll_bpd=float(res["bpd"][i]) / n, num_nll_images=n, seconds=seconds, nll_id=self.nll_id(),
-                       note="")
+            row = self.provenance.row(c)
+            row.update(nll_bpd=float(res["bpd"][i]) / n, num_nll_images=n, seconds=seconds, nll_id=nll_id, note="")
             if self.is_writer:  # per-term breakdown (bits/dim, mean over images): [L_0, L_{tau_1|tau_2}, ..., L_prior]
                 atomic_write_text(self.store.cell_dir(self._key(c)) / "nll_terms.json", json.dumps({
                     "trajectory": taus, "layout": "L_0, L_(tau_{k-1}|tau_k) for k=2..K, L_prior",
                     "terms_bpd": (res["terms"][i] / n).tolist(), "nll_bpd": row["nll_bpd"],
-                    "nll_id": self.nll_id()}, indent=1))
+                    "nll_id": nll_id}, indent=1))
             self._save(row)
 
     def _fid_cell(self, cell: Cell) -> None:
@@ -415,36 +306,17 @@ class GridRunner:
         if res.bad_t:
             self._failed([cell], "fid", NonFiniteOutputError("sample", res.bad_t))
             return
+        fid_id = self.provenance.fid_id(cell.method)
         if self.num_shards > 1:
             if self.is_writer:
-                meta = {"fid_id": self.fid_id(cell.method), "shard": self.shard, "num_shards": self.num_shards,
+                meta = {"fid_id": fid_id, "shard": self.shard, "num_shards": self.num_shards,
                         "reference_path": self.ctx.fid.reference_path,
                         "cell": dict(zip(("dataset", "schedule", "N", "method", "trajectory", "K"), self._key(cell)))}
                 res.sums.metadata.update(meta)
                 res.sums.save(self._shard_file(cell, "fid"))
             self._record(cell, "fid", None, f"FID: shard {self.shard} of {self.num_shards} written (merge the jobs' "
-                         "directories for the value)", fid_id=self.fid_id(cell.method))
+                         "directories for the value)", fid_id=fid_id)
             return
-        row = self._base_row(cell)
-        row.update(fid=res.fid, num_fid_samples=res.count, seconds=seconds, fid_id=self.fid_id(cell.method), note="")
+        row = self.provenance.row(cell)
+        row.update(fid=res.fid, num_fid_samples=res.count, seconds=seconds, fid_id=fid_id, note="")
         self._save(row)
-
-
-def save_image_grid(x: Tensor, path) -> None:
-    """Samples in [-1, 1] as a PNG grid (quantised exactly as for FID)."""
-    from torchvision.utils import save_image
-
-    save_image((x.clamp(-1, 1) + 1) / 2, str(path), nrow=int(math.ceil(math.sqrt(len(x)))))
-
-
-def variance_curves(schedule: NoiseSchedule, gamma: Tensor, Ks: Sequence[int], data_range) -> dict:
-    """sigma^2 of every method against the Theorem 2 bounds on even trajectories, for the report's plot."""
-    out = {}
-    for K in Ks:
-        taus = make_trajectory("even", schedule.N, K)
-        lower, upper = variance_bounds(schedule, taus, "ddpm", data_range=data_range)
-        entry = {"t": taus, "lower": lower.tolist(), "upper": upper.tolist()}
-        for m in ("ddpm_beta", "ddpm_beta_tilde", "analytic_ddpm"):
-            entry[m] = reverse_variance(schedule, taus, m, gamma, data_range=data_range).tolist()
-        out[K] = entry
-    return out

@@ -32,6 +32,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import MissingFileError
+from .provenance import check_same_run
 from .results import (
     COLUMNS,
     RESULTS_CSV,
@@ -63,7 +65,7 @@ def find_result_files(paths: Iterable[str | os.PathLike], exclude: Iterable[str 
                 found.setdefault(root.parent.resolve(), root)
             continue
         if not root.is_dir():
-            raise FileNotFoundError(f"no such run directory: {root}")
+            raise MissingFileError(f"no such run directory: {root}")
         for name in (RESULTS_JSON, RESULTS_CSV):  # JSON first: it wins for its directory
             for p in sorted(root.rglob(name)):
                 if p.is_file() and not skip(p):
@@ -116,28 +118,6 @@ def merge_rows(sources: Sequence[tuple[Any, Sequence[dict[str, Any]]]]) -> list[
         out["note"] = "; ".join(dict.fromkeys(notes))
         merged.append({c: out[c] for c in COLUMNS})
     return sort_rows(merged)
-
-
-#: columns that say which model / Gamma / settings produced a row: rows of one merged grid must agree on them
-RUN_IDENTITY = ("model_id", "gamma_hash", "seed", "precision", "gamma_policy", "version")
-
-
-def check_same_run(sources: Sequence[tuple[Any, Sequence[dict[str, Any]]]], names: Sequence[str]) -> None:
-    """Raise ValueError when the rows of ``sources`` come from different models, Gamma or settings (one grid must
-    not mix them); ``names`` label the sources in the message."""
-    seen: dict[tuple, str] = {}
-    for name, (_, rows) in zip(names, sources):
-        for row in rows:
-            if all(row.get(c) in (None, "") for c in ("nll_bpd", "fid", "nll_id", "fid_id")):
-                continue
-            ident = tuple(row.get(c) for c in RUN_IDENTITY)
-            seen.setdefault(ident, name)
-    if len(seen) > 1:
-        lines = [f"{name}: " + ", ".join(f"{c}={v!r}" for c, v in zip(RUN_IDENTITY, ident))
-                 for ident, name in seen.items()]
-        raise ValueError("these results come from different models, Gamma or settings and cannot form one grid:\n  "
-                         + "\n  ".join(lines) + "\nmerge them separately, or pass --allow-mixed to keep the newest "
-                         "value of each cell")
 
 
 def fill_from_shards(rows: list[dict[str, Any]], shard_files: Sequence[Path], exclude=None) -> list[dict[str, Any]]:

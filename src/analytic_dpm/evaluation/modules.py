@@ -32,10 +32,11 @@ from torchmetrics import Metric
 from ..likelihood import nll_bpd
 from ..sampler import sample
 from ..schedule import NoiseSchedule
-from ..training.data import mix_seed
+from ..seeding import mix_seed
 from ..validation import NonFiniteOutputError
 
-__all__ = ["FidCellModule", "NllGroupModule", "block_ranges", "blocks_of_process", "build_eval_trainer"]
+__all__ = ["FidCellModule", "NllGroupModule", "block_ranges", "blocks_of_process", "build_eval_trainer",
+           "save_image_grid"]
 
 
 # ------------------------------------------------------------------------------------------------ blocks
@@ -216,8 +217,6 @@ class FidCellModule(_EvalModule):
             self.failure.update(e.timestep)
             return
         if int(block) == 0 and self.grid_path is not None:
-            from .grid import save_image_grid
-
             save_image_grid(x[:64].cpu(), self.grid_path)
         self.metric.update(x)
 
@@ -229,6 +228,15 @@ class FidCellModule(_EvalModule):
         if bad_t == 0 and self.num_shards == 1:
             fid = float(self.metric.compute())
         self.result = FidCellResult(fid=fid, sums=sums, count=sums.count, bad_t=bad_t)
+
+
+def save_image_grid(x: Tensor, path) -> None:
+    """Samples in [-1, 1] as a PNG grid (quantised exactly as for FID)."""
+    import math
+
+    from torchvision.utils import save_image
+
+    save_image((x.clamp(-1, 1) + 1) / 2, str(path), nrow=int(math.ceil(math.sqrt(len(x)))))
 
 
 # ------------------------------------------------------------------------------------------------ the trainer

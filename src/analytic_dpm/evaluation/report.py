@@ -9,12 +9,12 @@
 * ``speedup.md`` / ``speedup.json``: see :func:`speedup_summary`.
 * ``nll_vs_K.png``, ``fid_vs_K.png``: one subplot per trajectory, one line per method, log-x axis.
 * ``heatmap_<nll|fid>_<trajectory>.png``: the tables as annotated heat maps.
-* ``gamma.png`` (if ``gamma`` is given) and ``variance_bounds.png`` (if ``bounds`` is given).
+* ``gamma.png`` (if ``gamma`` is given) and ``variance_bounds.png`` (if ``bounds`` is given), drawn by
+  :mod:`analytic_dpm.plots` (the same plots the training's Gamma callback writes).
 
 Tables without any computed value (number or NaN) and plots without any finite value are skipped. When the rows
 span several (dataset, schedule, N) groups, tables get one section per group and plot names get a
 ``_<dataset>-<schedule>-N<N>`` suffix.
-Plots use matplotlib's object API with the Agg canvas (no pyplot, no global backend switch).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..methods import METHODS
+from ..plots import METHOD_STYLE, figure, plot_gamma, plot_variance_bounds, save
 from .results import (
     COLUMNS,
     METHOD_ORDER,
@@ -98,12 +99,6 @@ def _fmt(value: float | None, decimals: int = 2) -> str:
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
     return f"{value:.{decimals}f}"
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor, without importing torch
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
 
 
 def _grid(rows: Sequence[Mapping[str, Any]], metric: str) -> tuple[list[str], list[int], dict]:
@@ -377,30 +372,6 @@ def speedup_markdown(entries: Sequence[Mapping[str, Any]], title: str = "") -> s
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
-_METHOD_STYLE = {
-    "ddpm_beta": dict(color="tab:blue", marker="o"),
-    "ddpm_beta_tilde": dict(color="tab:orange", marker="s"),
-    "analytic_ddpm": dict(color="tab:red", marker="^"),
-    "ddim": dict(color="tab:green", marker="D"),
-    "analytic_ddim": dict(color="tab:purple", marker="v"),
-}
-
-
 def plot_metric_vs_k(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, title: str = "") -> Path | None:
     """One subplot per trajectory, one line per method (finite values only), log-x (and log-y for a wide range)."""
     from matplotlib.ticker import FuncFormatter, NullLocator
@@ -408,7 +379,7 @@ def plot_metric_vs_k(rows: Sequence[Mapping[str, Any]], metric: str, path: Path,
     trajs = _ordered({r["trajectory"] for r in rows if is_finite_number(r[metric])}, TRAJECTORY_ORDER)
     if not trajs:
         return None
-    fig = _figure(4.6 * len(trajs), 3.8)
+    fig = figure(4.6 * len(trajs), 3.8)
     axes = fig.subplots(1, len(trajs), squeeze=False)[0]
     for ax, traj in zip(axes, trajs):
         trows = [r for r in rows if r["trajectory"] == traj and is_finite_number(r[metric])]
@@ -417,7 +388,7 @@ def plot_metric_vs_k(rows: Sequence[Mapping[str, Any]], metric: str, path: Path,
         for m in _ordered({r["method"] for r in trows}, METHOD_ORDER):
             pts = sorted((r["K"], r[metric]) for r in trows if r["method"] == m)
             ks, vs = zip(*pts)
-            ax.plot(ks, vs, label=m, **_METHOD_STYLE.get(m, {"marker": "."}))
+            ax.plot(ks, vs, label=m, **METHOD_STYLE.get(m, {"marker": "."}))
         ax.set_xscale("log")
         all_ks = sorted({r["K"] for r in trows})
         ax.set_xticks(all_ks, [str(k) for k in all_ks])
@@ -433,7 +404,7 @@ def plot_metric_vs_k(rows: Sequence[Mapping[str, Any]], metric: str, path: Path,
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_heatmap(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, title: str = "") -> Path | None:
@@ -451,7 +422,7 @@ def plot_heatmap(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, tit
             if row is not None and is_finite_number(row[metric]):
                 grid[i, j] = row[metric]
     finite = grid[np.isfinite(grid)]
-    fig = _figure(1.0 + 0.9 * len(ks), 0.8 + 0.55 * len(methods))
+    fig = figure(1.0 + 0.9 * len(ks), 0.8 + 0.55 * len(methods))
     ax = fig.subplots()
     norm = None
     if finite.size:
@@ -474,77 +445,7 @@ def plot_heatmap(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, tit
     ax.set_title(title or METRICS[metric][1])
     if finite.size:
         fig.colorbar(image, ax=ax, label=METRICS[metric][1])
-    return _save(fig, path)
-
-
-def plot_gamma(gamma: Any, path: Path, abar: Any = None, title: str = "") -> Path:
-    """gamma_n vs n (n >= 1; gamma_0 = 0 is dropped) with the theoretical bound gamma <= 1; with ``abar``
-    (length N+1) a second panel shows U_n = bbar_n / abar_n (1 - gamma_n) on a log axis (U_n <= 0 not shown).
-    ``gamma`` is one vector of length N+1 or a mapping label -> vector (e.g. several M)."""
-    curves = {k: _to_numpy(v) for k, v in gamma.items()} if isinstance(gamma, Mapping) else {"gamma": _to_numpy(gamma)}
-    abar_np = None if abar is None else _to_numpy(abar)
-    fig = _figure(5.0 * (2 if abar_np is not None else 1), 3.8)
-    axes = fig.subplots(1, 2 if abar_np is not None else 1, squeeze=False)[0]
-    for label, g in curves.items():
-        n = np.arange(1, len(g))
-        axes[0].plot(n, g[1:], lw=1, label=label)
-        if abar_np is not None and len(abar_np) == len(g):
-            a = abar_np[1:]
-            u = (1 - a) / a * (1 - g[1:])
-            axes[1].plot(n, np.where(u > 0, u, np.nan), lw=1, label=label)
-    axes[0].axhline(1.0, color="k", ls="--", lw=0.8, label="bound 1")
-    axes[0].set_xlabel("n")
-    axes[0].set_ylabel(r"$\gamma_n = E\,\|\hat\epsilon(x_n, n)\|^2 / d$")
-    axes[0].set_title("gamma")
-    axes[0].grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
-    if abar_np is not None:
-        axes[1].set_yscale("log")
-        axes[1].set_xlabel("n")
-        axes[1].set_ylabel(r"$U_n = \bar\beta_n / \bar\alpha_n (1 - \gamma_n)$")
-        axes[1].set_title("U_n (estimate of E tr Cov[x0|xn] / d)")
-        axes[1].grid(True, which="both", alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
-
-
-def plot_variance_bounds(bounds: Mapping[Any, Mapping[str, Any]], path: Path, title: str = "") -> Path:
-    """``bounds = {K: {"t": [...], "lower": [...], "upper": [...], <method>: [...], ...}}``: one subplot per K,
-    the band between the Theorem 2 bounds and each method's variance vs t, log-y (non-positive values hidden)."""
-    ks = list(bounds)
-    fig = _figure(4.6 * len(ks), 3.8)
-    axes = fig.subplots(1, len(ks), squeeze=False)[0]
-    for ax, k in zip(axes, ks):
-        entry = bounds[k]
-        t = _to_numpy(entry["t"])
-
-        def pos(x):
-            x = _to_numpy(x)
-            return np.where(x > 0, x, np.nan)
-
-        positives = [v[v > 0] for v in (_to_numpy(x) for name, x in entry.items() if name != "t")]
-        positives = np.concatenate(positives) if positives else np.array([])
-        floor = 0.5 * float(positives.min()) if positives.size else 1e-8
-        if "lower" in entry and "upper" in entry:
-            lo, hi = pos(entry["lower"]), pos(entry["upper"])
-            ax.fill_between(t, np.where(np.isnan(lo), floor, lo), hi, color="0.8", alpha=0.6, label="Theorem 2 bounds")
-            ax.plot(t, lo, color="0.4", lw=0.8, ls="--")
-            ax.plot(t, hi, color="0.4", lw=0.8, ls="--")
-        for name, values in entry.items():
-            if name in ("t", "lower", "upper"):
-                continue
-            style = {"color": _METHOD_STYLE[name]["color"]} if name in _METHOD_STYLE else {}
-            ax.plot(t, pos(values), lw=1.2, label=name, **style)
-        ax.set_yscale("log")
-        ax.set_xlabel("t (noisy index of the step s <- t)")
-        ax.set_ylabel(r"$\sigma^2_{s|t}$")
-        ax.set_title(f"K = {k}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

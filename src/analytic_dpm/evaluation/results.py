@@ -46,8 +46,11 @@ from typing import Any
 
 from ..files import atomic_write_text, file_lock
 from ..methods import METHODS
+from .provenance import ID_COLUMNS, IDENTITY_COLUMNS
 
-#: The CSV header, in this order.
+#: The CSV header, in this order: the cell, its metrics and notes, then the identity columns of
+#: :mod:`analytic_dpm.evaluation.provenance` (what produced the numbers; a rerun reuses a metric only when its id
+#: matches; see the module docstring).
 COLUMNS: list[str] = [
     "dataset",
     "schedule",
@@ -64,28 +67,17 @@ COLUMNS: list[str] = [
     "seed",
     "seconds",
     "note",
-    # identity of what produced the numbers (analytic_dpm.evaluation.identity): a rerun reuses a metric only when
-    # its id matches; see the module docstring
-    "model_id",
-    "model_step",
-    "gamma_hash",
-    "precision",
-    "gamma_policy",
-    "version",
-    "nll_id",
-    "fid_id",
-    "fid_precision",
+    *IDENTITY_COLUMNS,
 ]
 #: The columns that identify a cell (see :func:`cell_key`).
 KEY_COLUMNS: tuple[str, ...] = ("dataset", "schedule", "N", "method", "trajectory", "K")
 #: The metric columns (None = not computed, NaN = not defined).
 METRIC_COLUMNS: tuple[str, ...] = ("nll_bpd", "fid")
 
-STR_COLUMNS = frozenset({"dataset", "schedule", "forward", "method", "trajectory", "note", "model_id", "gamma_hash",
-                         "precision", "gamma_policy", "version", "nll_id", "fid_id", "fid_precision"})
-INT_COLUMNS = frozenset({"N", "K", "num_nll_images", "num_fid_samples", "gamma_M", "seed", "model_step"})
-#: metric column -> the column holding the identity of the computation that produced it
-ID_COLUMNS: dict[str, str] = {"nll_bpd": "nll_id", "fid": "fid_id"}
+STR_COLUMNS = frozenset({"dataset", "schedule", "forward", "method", "trajectory", "note",
+                         *(c for c, kind in IDENTITY_COLUMNS.items() if kind is str)})
+INT_COLUMNS = frozenset({"N", "K", "num_nll_images", "num_fid_samples", "gamma_M", "seed",
+                         *(c for c, kind in IDENTITY_COLUMNS.items() if kind is int)})
 FLOAT_COLUMNS = frozenset({"nll_bpd", "fid", "seconds"})
 
 #: Canonical orders used for sorting and for the report tables (unknown names go last, alphabetically).

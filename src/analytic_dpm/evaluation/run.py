@@ -18,20 +18,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
+from ..errors import UserError, report_user_errors
 from ..files import atomic_write_text, file_lock
-from ..identity import digest_json, short
-from ..registry import UnsafeConfigError, missing_value_message
-from .grid import GridRunner, plan_cells, variance_curves
+from ..plots import variance_curves
+from .grid import GridRunner, plan_cells
+from .request import EvalRequest, WandbSettings
 from .results import ResultStore, load_rows
-from .settings import EvalSettings, SettingsError
-from .setup import UserError, build_context
+from .sources import build_context
 
 log = logging.getLogger(__name__)
+
+__all__ = ["CellsFailed", "evaluate", "run_cli"]
 
 IDENTITIES_JSON = "identities.json"
 
@@ -54,34 +53,14 @@ def sweep_group() -> str | None:
     return None
 
 
-def _wandb_run(cfg: DictConfig, out_dir: Path):
-    mode = str(cfg.wandb.mode)
-    if mode == "disabled":
+def _wandb_run(w: WandbSettings, out_dir: Path):
+    if w.mode == "disabled":
         return None
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(mode=mode, project=cfg.wandb.project, name=cfg.wandb.name,
-                      group=cfg.wandb.group or sweep_group(), dir=str(out_dir), job_type="evaluate",
-                      tags=list(cfg.tags or []), config=OmegaConf.to_container(cfg, resolve=True))
-
-
-def _command_line_overrides() -> list[str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    except Exception:  # noqa: BLE001 - not running under Hydra (tests, notebooks)
-        return []
-
-
-def _warn_ignored(cfg: DictConfig) -> None:
-    """Options that have no effect with the chosen source are warned about, not silently dropped."""
-    if cfg.get("ckpt_path"):
-        ignored = [o for o in _command_line_overrides() if o.split("=", 1)[0].lstrip("+~") in ("diffusion",)
-                   or o.startswith("diffusion.")]
-        for o in ignored:
-            log.warning("%s is ignored: a checkpoint carries its own noise schedule", o)
+    return wandb.init(mode=w.mode, project=w.project, name=w.name, group=w.group or sweep_group(), dir=str(out_dir),
+                      job_type="evaluate", tags=list(w.tags), config=dict(w.config or {}))
 
 
 def _write_identities(out_dir: Path, runner: GridRunner) -> None:
@@ -89,11 +68,11 @@ def _write_identities(out_dir: Path, runner: GridRunner) -> None:
     path = out_dir / IDENTITIES_JSON
     with file_lock(out_dir / ResultStore.LOCK_NAME):
         known = json.loads(path.read_text()) if path.is_file() else {}
-        known.update(runner.identities())
+        known.update(runner.provenance.identities())
         atomic_write_text(path, json.dumps(known, indent=1, sort_keys=True, default=str) + "\n")
 
 
-def _resolve_out_dir(out_dir: Path, runner_for, settings: EvalSettings) -> tuple[Path, GridRunner]:
+def _resolve_out_dir(out_dir: Path, runner_for, on_mismatch: str) -> tuple[Path, GridRunner]:
     """The directory to write into, after checking what it holds (module docstring)."""
     store = ResultStore(out_dir)
     runner = runner_for(store)
@@ -101,14 +80,13 @@ def _resolve_out_dir(out_dir: Path, runner_for, settings: EvalSettings) -> tuple
     if not conflicts:
         return out_dir, runner
     listing = "\n  - ".join(conflicts[:8]) + (f"\n  - ... and {len(conflicts) - 8} more" if len(conflicts) > 8 else "")
-    if settings.on_mismatch == "refuse":
+    if on_mismatch == "refuse":
         raise UserError(
             f"{out_dir} already holds results computed by another model or with other settings; they would not be "
             f"this run's numbers:\n  - {listing}\nTo keep both, rerun with hydra.run.dir=NEW_DIR, or with "
             f"eval.on_mismatch=new_dir (writes into {out_dir}-<id>); to replace them, delete {out_dir}/results.*"
         )
-    run_id = short(digest_json(sorted(runner.identities())))
-    new_dir = out_dir.with_name(f"{out_dir.name}-{run_id}")
+    new_dir = out_dir.with_name(f"{out_dir.name}-{runner.provenance.run_id()}")
     log.warning("%s holds results of another model/settings (%d differences); writing into %s", out_dir,
                 len(conflicts), new_dir)
     store = ResultStore(new_dir)
@@ -118,24 +96,22 @@ def _resolve_out_dir(out_dir: Path, runner_for, settings: EvalSettings) -> tuple
     return new_dir, runner
 
 
-def evaluate(cfg: DictConfig) -> list[dict]:
-    """Run (or resume) the grid into the Hydra run directory; returns the rows of the whole grid.
+def evaluate(request: EvalRequest | object) -> list[dict]:
+    """Run (or resume) the grid into the request's output directory; returns the rows of the whole grid.
 
-    Raises :class:`UserError` (bad input; nothing written), :class:`CellsFailed` (after recording the grid, when
-    some cells failed).
+    ``request``: an :class:`~.request.EvalRequest`, or the composed Hydra config (parsed into one here).
+    Raises :class:`~analytic_dpm.errors.UserError` (bad input; nothing written), :class:`CellsFailed` (after
+    recording the grid, when some cells failed).
     """
-    try:
-        settings = EvalSettings.from_config(cfg.eval)  # everything is checked before anything costly runs
-    except SettingsError as e:
-        raise UserError(str(e)) from None
-    _warn_ignored(cfg)
-    ctx = build_context(cfg, settings)
+    if not isinstance(request, EvalRequest):
+        request = EvalRequest.from_config(request)  # everything is checked before anything costly runs
+    settings = request.settings
+    ctx = build_context(request)
     try:
         cells = plan_cells(settings.method, settings.trajectory, settings.K, ctx.schedule.N)
     except ValueError as e:
         raise UserError(str(e)) from None
 
-    out_dir = Path(cfg.paths.output_dir)
     run = None
 
     def on_row(row):
@@ -146,17 +122,17 @@ def evaluate(cfg: DictConfig) -> list[dict]:
 
     from .modules import build_eval_trainer
 
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") else None
-    trainer = build_eval_trainer(trainer_cfg, accelerator="gpu" if ctx.device.type == "cuda" else ctx.device.type)
+    trainer = build_eval_trainer(request.trainer, accelerator="gpu" if ctx.device.type == "cuda" else ctx.device.type)
     writer = trainer.is_global_zero
     out_dir, runner = _resolve_out_dir(
-        out_dir, lambda store: GridRunner(ctx, store, settings, on_row=on_row, trainer=trainer), settings)
+        request.out_dir, lambda store: GridRunner(ctx, store, settings, on_row=on_row, trainer=trainer),
+        settings.on_mismatch)
     store = runner.store
     if len(store) and writer:
         log.info("resuming: %d rows found in %s", len(store), out_dir)
     if writer:
         _write_identities(out_dir, runner)
-        run = _wandb_run(cfg, out_dir)
+        run = _wandb_run(request.wandb, out_dir)
     try:
         runner.run(cells)
         if not writer:
@@ -182,19 +158,14 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     return rows
 
 
-def run_cli(cfg: DictConfig):
-    from omegaconf.errors import MissingMandatoryValue
+def run_cli(cfg) -> None:
+    """The Hydra task of ``evaluate.py``: a user error ends with one ``error: ...`` line and exit code 2, failed
+    cells (recorded in the results) with exit code 1."""
+    import sys
 
-    from ..data import DatasetNotAvailableError
-
-    try:
-        return evaluate(cfg)
-    except (UserError, DatasetNotAvailableError, SettingsError, UnsafeConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)  # the message says what to do; no traceback
-        sys.exit(2)
-    except MissingMandatoryValue as err:
-        print(f"error: {missing_value_message(err)}", file=sys.stderr)
-        sys.exit(2)
-    except CellsFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    with report_user_errors():
+        try:
+            evaluate(cfg)
+        except CellsFailed as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)

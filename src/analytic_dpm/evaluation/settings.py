@@ -16,8 +16,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..accel import parse_flag
+from ..errors import UserError
 from ..likelihood import CDFS, DECODER_VARIANCES, DECODERS
 from ..methods import METHODS
+from ..registry import plain
 from ..trajectory import GAMMA_POLICIES, QUADRATIC_DUPLICATES, TRAJECTORY_KINDS
 
 METRICS = ("nll", "fid")
@@ -25,25 +28,14 @@ ON_MISMATCH = ("refuse", "new_dir")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """An evaluation setting is invalid; the message says which key and what to write."""
 
 
 # ------------------------------------------------------------------------------------------------ value parsers
-def _plain(value: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return value
-
-
 def _list(key: str, value: Any, *, allow_none: bool = False) -> list | None:
     """A config entry that may be a single value (one Hydra multirun job) or a list."""
-    value = _plain(value)
+    value = plain(value)
     if value is None:
         if allow_none:
             return None
@@ -127,11 +119,12 @@ def _str(key: str, value: Any, *, allow_none: bool = True) -> str | None:
 
 
 def _compile_choice(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value in ("auto", "true", "false"):
-        return value
-    raise SettingsError(f"eval.compile must be auto, true or false, got {value!r}")
+    """``eval.compile`` as ``"auto"``, ``"true"`` or ``"false"`` (:func:`analytic_dpm.accel.parse_flag`)."""
+    try:
+        flag = parse_flag(value, "eval.compile")
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
+    return flag if flag == "auto" else str(flag).lower()
 
 
 def _unknown(section: str, given: Mapping, known: Sequence[str]) -> None:
@@ -215,7 +208,7 @@ class EvalSettings:
     @classmethod
     def from_config(cls, cfg: Mapping) -> EvalSettings:
         """Validate ``cfg`` (the ``eval`` section, DictConfig or dict) completely; raises :class:`SettingsError`."""
-        c = _plain(cfg) or {}
+        c = plain(cfg) or {}
         if not isinstance(c, Mapping):
             raise SettingsError(f"eval must be a mapping, got {c!r}")
         top = ["K", "trajectory", "method", "metrics", "seed", "device", "eta", "clip_x0", "gamma_policy",
@@ -232,7 +225,7 @@ class EvalSettings:
         _unknown("eval.report", rep, ["variance_K"])
 
         methods = _choices("eval.method", c.get("method"), tuple(METHODS))
-        clip_y = _plain(fid.get("clip_sigma_y")) or {}
+        clip_y = plain(fid.get("clip_sigma_y")) or {}
         if not isinstance(clip_y, Mapping):
             raise SettingsError(f"eval.fid.clip_sigma_y must map method names to pixel levels, got {clip_y!r}")
         _unknown("eval.fid.clip_sigma_y", clip_y, tuple(METHODS))

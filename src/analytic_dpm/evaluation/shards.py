@@ -21,8 +21,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..files import atomic_write_text
 
 SHARD_DIR = "shards"
@@ -102,33 +100,9 @@ def complete_values(shard_files: Iterable[Path]) -> dict[tuple, dict[str, Any]]:
                 out[(cell, "fid")] = {"note": f"FID: shard(s) {missing} of {n} missing", "fid_id": ident}
                 continue
             merged = merge_sums(sums)
+            from .reference import load_reference
+
             ref = load_reference(meta["reference_path"])
             out[(cell, "fid")] = {"fid": fid_from_sums(merged, ref), "num_fid_samples": int(merged.count),
                                   "fid_id": ident}
     return out
-
-
-def load_reference(path: str | Path):
-    """Reference statistics: this package's cache (``FeatureStats.save``) or a pytorch-fid ``.npz`` (mu, sigma)."""
-    from ..fid import FeatureStats
-
-    p = Path(path)
-    with np.load(p, allow_pickle=False) as z:
-        has_count = "count" in z.files
-    return FeatureStats.load(p) if has_count else pytorch_fid_stats(p)
-
-
-def pytorch_fid_stats(path: str | Path):
-    """A pytorch-fid / Analytic-DPM / DDIM statistics file (``mu``, ``sigma``) as FeatureStats (nominal count,
-    exact mean and covariance)."""
-    from ..fid import FeatureStats
-
-    p = Path(path)
-    with np.load(p, allow_pickle=False) as z:
-        if "mu" not in z.files or "sigma" not in z.files:
-            raise ValueError(f"{p} is not a FID statistics file: it needs arrays 'mu' and 'sigma' "
-                             f"(found {', '.join(z.files) or 'none'})")
-        mu, sigma = np.asarray(z["mu"], dtype=np.float64), np.asarray(z["sigma"], dtype=np.float64)
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{p}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
-    return FeatureStats.from_mean_cov(mu, sigma, metadata={"source": "pytorch-fid npz", "path": str(p)})

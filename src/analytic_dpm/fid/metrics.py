@@ -1,24 +1,25 @@
-"""FID with torch-fidelity's Inception: features, streaming statistics, cached reference statistics.
+"""FID with torch-fidelity's Inception: the feature extractor, the Frechet distance, cached reference statistics.
 
-Generated samples are streamed batch by batch into :class:`FeatureStats` (float64 mean and scatter
-matrix), so they are never all held in memory nor written to disk. The Frechet distance itself is
-torch-fidelity's (``fid_statistics_to_metric``), so values match ``torch_fidelity.calculate_metrics``.
+The one FID path of the package is :class:`~analytic_dpm.fid.InceptionFID` (torchmetrics): samples stream into its
+float64 sums. This module gives it its pieces: :class:`InceptionFeatures` (torch-fidelity's network and resize),
+:func:`fid_from_stats` (the Frechet distance, equal to torch-fidelity's ``fid_statistics_to_metric``), and
+:func:`reference_stats` (the reference statistics, accumulated as the same sums (:class:`~.sums.FeatureSums`),
+cached in a ``.npz`` with what identifies them). The earlier streaming path (centred Chan updates and
+``fid_of_stream``) is kept only as the test suite's oracle (``tests/helpers/fid_oracle.py``).
 
 Typical use::
 
     feats = InceptionFeatures("weights/pt_inception-2015-12-05.pth", device="cuda", batch_size=250)
     ref = reference_stats(train_images_u8, cache_path="outputs/fid_ref_cifar10.npz", features=feats)
-    fid = fid_of_stream(sampler_batches(), ref, feats, num_samples=50_000)
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..accel import PRECISIONS, precision_scope
-from ..files import atomic_write, file_lock
+from ..errors import MissingFileError
+from ..files import file_lock, safe_torch_load
 from .inception_weights import (
     DEFAULT_WEIGHTS_PATH,
     FEATURE_DIM,
@@ -34,6 +36,7 @@ from .inception_weights import (
     check_weights_file,
     weights_sha256,
 )
+from .sums import FeatureStats, FeatureSums, fid_from_stats
 
 STATS_FORMAT = "analytic_dpm.fid.FeatureStats/1"
 FEATURE_LAYER = "2048"
@@ -54,7 +57,6 @@ __all__ = [
     "feature_extractor_name",
     "feature_options_id",
     "fid_from_stats",
-    "fid_of_stream",
     "reference_stats",
     "to_uint8_rgb",
     "weights_identity",
@@ -102,7 +104,7 @@ def weights_identity(weights_path: str | os.PathLike | None) -> str:
 
 def _require_weights_file(weights_path: str | os.PathLike) -> None:
     if not os.path.isfile(weights_path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"FID Inception weights not found at {os.fspath(weights_path)!r}. Run `make fid-weights` "
             f"(python -m analytic_dpm.fid.inception_weights --out {DEFAULT_WEIGHTS_PATH}) or pass "
             "`fid.weights_path=<file>`."
@@ -112,8 +114,8 @@ def _require_weights_file(weights_path: str | os.PathLike) -> None:
 @functools.lru_cache(maxsize=16)
 def _tensor_only_cached(path: str, size: int, mtime_ns: int) -> None:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - reported with what to do
+        obj = safe_torch_load(path, what="Inception weights file", mmap=True)
+    except ValueError as e:
         raise ValueError(
             f"{path} is not a plain tensor state dict (torch.load(weights_only=True) refused it: {e}). Rebuild the "
             "weights with `make fid-weights`; never point fid.weights_path at a file you do not trust."
@@ -304,149 +306,6 @@ class InceptionFeatures:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Streaming statistics
-# ---------------------------------------------------------------------------------------------------------
-
-
-class FeatureStats:
-    """Streaming mean and covariance of feature vectors, accumulated in float64.
-
-    Each ``update`` computes its batch's mean and centred scatter matrix and merges them with Chan et
-    al.'s pairwise update (numerically stable; no ``E[xx^T] - mu mu^T`` cancellation). Any chunking of
-    the same rows gives the same ``mean``/``cov`` as a single batch up to float64 rounding (~1e-15
-    relative). Accumulates on the device of the first batch (e.g. CUDA, where the features are).
-    """
-
-    def __init__(self, metadata: dict[str, Any] | None = None):
-        self._count = 0
-        self._mean: torch.Tensor | None = None
-        self._m2: torch.Tensor | None = None  # sum of (x - mean)(x - mean)^T
-        self.metadata: dict[str, Any] = dict(metadata or {})
-
-    @classmethod
-    def from_features(cls, features: torch.Tensor | np.ndarray, metadata: dict[str, Any] | None = None):
-        return cls(metadata).update(features)
-
-    def update(self, features: torch.Tensor | np.ndarray) -> FeatureStats:
-        x = torch.from_numpy(np.asarray(features)) if not torch.is_tensor(features) else features.detach()
-        if x.dim() != 2:
-            raise ValueError(f"features must be [N, D], got shape {tuple(x.shape)}")
-        if self._mean is not None:
-            if x.shape[1] != self._mean.shape[0]:
-                raise ValueError(f"feature dim {x.shape[1]} != {self._mean.shape[0]}")
-            x = x.to(self._mean.device)
-        n_b = x.shape[0]
-        if n_b == 0:
-            return self
-        x = x.to(torch.float64)
-        mean_b = x.mean(dim=0)
-        xc = x - mean_b
-        m2_b = xc.T @ xc
-        if self._count == 0:
-            self._mean, self._m2 = mean_b, m2_b
-        else:
-            n_a = self._count
-            n = n_a + n_b
-            delta = mean_b - self._mean
-            self._mean = self._mean + delta * (n_b / n)
-            self._m2 = self._m2 + m2_b + torch.outer(delta, delta) * (n_a * n_b / n)
-        self._count += n_b
-        return self
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    @property
-    def dim(self) -> int | None:
-        return None if self._mean is None else int(self._mean.shape[0])
-
-    @property
-    def mean(self) -> np.ndarray:
-        """float64 ``[D]``."""
-        if self._mean is None:
-            raise ValueError("FeatureStats is empty")
-        return self._mean.cpu().numpy().copy()
-
-    @property
-    def cov(self) -> np.ndarray:
-        """float64 ``[D, D]`` unbiased covariance (divides by ``count - 1``, like ``np.cov``)."""
-        if self._count < 2:
-            raise ValueError(f"need at least 2 samples for a covariance, have {self._count}")
-        return (self._m2 / (self._count - 1)).cpu().numpy()
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write ``mu``, ``sigma``, ``count`` and JSON ``metadata`` to an ``.npz`` (atomically)."""
-        arrays = {"mu": self.mean, "sigma": self.cov, "count": np.int64(self._count),
-                  "metadata": np.array(json.dumps(self.metadata, sort_keys=True))}
-        # a file object: numpy does not append ".npz"; a temporary file of its own, so writers never collide
-        atomic_write(path, lambda fh: np.savez(fh, **arrays))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> FeatureStats:
-        with np.load(path, allow_pickle=False) as z:
-            mu = np.asarray(z["mu"], dtype=np.float64)
-            sigma = np.asarray(z["sigma"], dtype=np.float64)
-            count = int(z["count"])
-            metadata = json.loads(str(z["metadata"])) if "metadata" in z.files else {}
-        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or count < 2:
-            raise ValueError(
-                f"{path}: malformed statistics (mu {mu.shape}, sigma {sigma.shape}, count {count})"
-            )
-        return cls.from_mean_cov(mu, sigma, count, metadata)
-
-    @classmethod
-    def from_mean_cov(cls, mean, cov, count: int = 2, metadata: dict[str, Any] | None = None) -> FeatureStats:
-        """Statistics from a mean ``[D]`` and an unbiased covariance ``[D, D]`` of ``count`` features.
-
-        For statistics of unknown size (pytorch-fid's ``mu``/``sigma`` files) keep the nominal ``count=2``: FID
-        uses only the mean and the covariance, and ``cov`` is then stored exactly.
-        """
-        out = cls(metadata)
-        out._count = int(count)
-        out._mean = torch.as_tensor(np.asarray(mean, dtype=np.float64))
-        out._m2 = torch.as_tensor(np.asarray(cov, dtype=np.float64) * (int(count) - 1))
-        return out
-
-    def __repr__(self) -> str:
-        return f"FeatureStats(count={self._count}, dim={self.dim})"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Frechet distance
-# ---------------------------------------------------------------------------------------------------------
-
-
-def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
-    """Frechet distance between Gaussians: ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2)``, float64.
-
-    torch-fidelity's ``fid_statistics_to_metric`` takes tr sqrt(S1 S2) as the sum of square roots of the
-    (non-symmetric) eigenvalues of S1 S2. The same eigenvalues are those of the symmetric PSD matrix
-    sqrt(S1) S2 sqrt(S1), so two symmetric eigendecompositions give the same number several times faster
-    (tests check the agreement with torch-fidelity).
-    """
-
-    def arr(a):
-        return torch.as_tensor(np.asarray(a.detach().cpu().numpy() if torch.is_tensor(a) else a, dtype=np.float64))
-
-    mu1, sigma1, mu2, sigma2 = arr(mu1), arr(sigma1), arr(mu2), arr(sigma2)
-    d = mu1.shape[0] if mu1.ndim == 1 else -1
-    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(
-            f"inconsistent shapes: mu1 {tuple(mu1.shape)}, sigma1 {tuple(sigma1.shape)}, "
-            f"mu2 {tuple(mu2.shape)}, sigma2 {tuple(sigma2.shape)}"
-        )
-    sym1 = (sigma1 + sigma1.T) / 2
-    w, V = torch.linalg.eigh(sym1)
-    root1 = (V * w.clamp(min=0).sqrt()) @ V.T  # sqrt(S1)
-    inner = root1 @ ((sigma2 + sigma2.T) / 2) @ root1
-    ev = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0)
-    diff = mu1 - mu2
-    fid = diff @ diff + torch.trace(sigma1) + torch.trace(sigma2) - 2 * ev.sqrt().sum()
-    return float(fid)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Reference statistics (cached) and streamed FID
 # ---------------------------------------------------------------------------------------------------------
 
@@ -554,49 +413,18 @@ def _compute_reference(images, features, weights_path, device, batch_size, wante
                        ) -> FeatureStats:
     if features is None:
         features = InceptionFeatures(weights_path, device=device, batch_size=batch_size)
-    stats = FeatureStats()
     total = wanted["num_images"] if is_array else None
     with tqdm(total=total, desc="FID reference", unit="img", disable=not progress, leave=False) as bar:
-        for batch in _iter_batches(images, features.batch_size):
-            stats.update(features(batch))
-            bar.update(batch.shape[0])
+
+        def feature_batches():
+            for batch in _iter_batches(images, features.batch_size):
+                yield features(batch)
+                bar.update(batch.shape[0])
+
+        # the float64 sums (n, sum x, sum x x^T) torchmetrics' FID keeps for the samples: one way to accumulate
+        sums = FeatureSums.accumulate(feature_batches())
+    if sums.count < 2:
+        raise ValueError(f"reference statistics need at least 2 images, got {sums.count}")
+    stats = sums.to_feature_stats()
     stats.metadata = {**wanted, "num_images": stats.count}
     return stats
-
-
-def fid_of_stream(
-    batches: Iterable[torch.Tensor],
-    ref: FeatureStats,
-    features: InceptionFeatures,
-    num_samples: int,
-    *,
-    stats: FeatureStats | None = None,
-    progress: bool = True,
-    desc: str = "FID samples",
-) -> float:
-    """FID of the first ``num_samples`` images of a stream of batches against ``ref``.
-
-    Batches (uint8 or [-1, 1] float ``[B, C, H, W]``; ``(images, labels)`` tuples are fine) are
-    featurised and folded into a :class:`FeatureStats` one at a time, and the stream is not pulled
-    past ``num_samples`` (a larger last batch is truncated). ``ValueError`` if it ends early. Pass
-    ``stats`` (an empty ``FeatureStats``) to get the samples' statistics back.
-    """
-    if num_samples < 2:
-        raise ValueError(f"num_samples must be >= 2, got {num_samples}")
-    if stats is None:
-        stats = FeatureStats()
-    elif stats.count:
-        raise ValueError("stats must be empty")
-    with tqdm(total=num_samples, desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for batch in batches:
-            x = _batch_tensor(batch)
-            take = min(int(x.shape[0]), num_samples - stats.count)
-            stats.update(features(x[:take]))
-            bar.update(take)
-            del x, batch
-            if stats.count >= num_samples:
-                break
-    if stats.count < num_samples:
-        raise ValueError(f"the sample stream ended after {stats.count} images, expected {num_samples}")
-    stats.metadata.setdefault("num_images", stats.count)
-    return fid_from_stats(stats.mean, stats.cov, ref.mean, ref.cov)

@@ -41,13 +41,89 @@ from typing import Any
 import numpy as np
 import torch
 
-from .metrics import FeatureStats
+from ..files import atomic_write
 
 SUMS_FORMAT = "analytic_dpm.fid.FeatureSums/1"
 #: Metadata keys that differ between the shards of one cell (everything else must be equal to merge).
 SHARD_KEYS = ("shard",)
 
-__all__ = ["SHARD_KEYS", "SUMS_FORMAT", "FeatureSums", "fid_from_sums", "load_and_merge", "merge_sums"]
+__all__ = ["SHARD_KEYS", "SUMS_FORMAT", "FeatureStats", "FeatureSums", "fid_from_stats", "fid_from_sums",
+           "load_and_merge", "merge_sums"]
+
+
+class FeatureStats:
+    """The mean and unbiased covariance of ``count`` feature vectors, float64, with ``metadata``: what reference
+    statistics are on disk (this package's cache, pytorch-fid's ``mu``/``sigma`` files) and in memory.
+
+    Made from sums (:meth:`FeatureSums.to_feature_stats`), a file (:meth:`load`) or a mean and covariance
+    (:meth:`from_mean_cov`); it does not accumulate features itself (that is :class:`FeatureSums`' job, the same
+    sums torchmetrics' FID keeps).
+    """
+
+    def __init__(self, metadata: dict[str, Any] | None = None):
+        self._count = 0
+        self._mean: torch.Tensor | None = None
+        self._m2: torch.Tensor | None = None  # sum of (x - mean)(x - mean)^T
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def dim(self) -> int | None:
+        return None if self._mean is None else int(self._mean.shape[0])
+
+    @property
+    def mean(self) -> np.ndarray:
+        """float64 ``[D]``."""
+        if self._mean is None:
+            raise ValueError("FeatureStats is empty")
+        return self._mean.cpu().numpy().copy()
+
+    @property
+    def cov(self) -> np.ndarray:
+        """float64 ``[D, D]`` unbiased covariance (divides by ``count - 1``, like ``np.cov``)."""
+        if self._count < 2:
+            raise ValueError(f"need at least 2 samples for a covariance, have {self._count}")
+        return (self._m2 / (self._count - 1)).cpu().numpy()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``mu``, ``sigma``, ``count`` and JSON ``metadata`` to an ``.npz`` (atomically)."""
+        arrays = {"mu": self.mean, "sigma": self.cov, "count": np.int64(self._count),
+                  "metadata": np.array(json.dumps(self.metadata, sort_keys=True))}
+        # a file object: numpy does not append ".npz"; a temporary file of its own, so writers never collide
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FeatureStats:
+        with np.load(path, allow_pickle=False) as z:
+            mu = np.asarray(z["mu"], dtype=np.float64)
+            sigma = np.asarray(z["sigma"], dtype=np.float64)
+            count = int(z["count"])
+            metadata = json.loads(str(z["metadata"])) if "metadata" in z.files else {}
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or count < 2:
+            raise ValueError(
+                f"{path}: malformed statistics (mu {mu.shape}, sigma {sigma.shape}, count {count})"
+            )
+        return cls.from_mean_cov(mu, sigma, count, metadata)
+
+    @classmethod
+    def from_mean_cov(cls, mean, cov, count: int = 2, metadata: dict[str, Any] | None = None) -> FeatureStats:
+        """Statistics from a mean ``[D]`` and an unbiased covariance ``[D, D]`` of ``count`` features.
+
+        For statistics of unknown size (pytorch-fid's ``mu``/``sigma`` files) keep the nominal ``count=2``: FID
+        uses only the mean and the covariance, and ``cov`` is then stored exactly.
+        """
+        out = cls(metadata)
+        out._count = int(count)
+        out._mean = torch.as_tensor(np.asarray(mean, dtype=np.float64))
+        out._m2 = torch.as_tensor(np.asarray(cov, dtype=np.float64) * (int(count) - 1))
+        return out
+
+    def __repr__(self) -> str:
+        return f"FeatureStats(count={self._count}, dim={self.dim})"
+
 
 
 def _as_f64(x) -> torch.Tensor:
@@ -85,12 +161,30 @@ class FeatureSums:
         return cls(torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dim, dtype=torch.float64), 0, metadata or {})
 
     @classmethod
+    def accumulate(cls, batches: Iterable, metadata: dict[str, Any] | None = None) -> FeatureSums:
+        """Sums of the rows of every ``[N, D]`` batch, accumulated in float64 on the first batch's device (where the
+        features are: no transfer per batch), returned on the CPU. The arithmetic of torchmetrics' FID states."""
+        total = outer = None
+        count = 0
+        for features in batches:
+            x = torch.from_numpy(np.asarray(features)) if not torch.is_tensor(features) else features.detach()
+            if x.dim() != 2:
+                raise ValueError(f"features must be [N, D], got shape {tuple(x.shape)}")
+            x = x.to(device=total.device if total is not None else x.device, dtype=torch.float64)
+            if total is not None and x.shape[1] != total.shape[0]:
+                raise ValueError(f"feature dim {x.shape[1]} != {total.shape[0]}")
+            # s += sum_i x_i, S += sum_i x_i x_i^T, n += N
+            total = x.sum(dim=0) if total is None else total + x.sum(dim=0)
+            outer = x.T @ x if outer is None else outer + x.T @ x
+            count += x.shape[0]
+        if total is None:
+            raise ValueError("FeatureSums.accumulate: no batches")
+        return cls(total, outer, count, metadata or {})
+
+    @classmethod
     def from_features(cls, features, metadata: dict[str, Any] | None = None) -> FeatureSums:
         """Sums of the rows of ``features`` ``[N, D]`` (cast to float64 before any arithmetic)."""
-        x = _as_f64(features)
-        if x.dim() != 2:
-            raise ValueError(f"features must be [N, D], got shape {tuple(x.shape)}")
-        return cls(x.sum(dim=0), x.T @ x, x.shape[0], metadata or {})
+        return cls.accumulate([features], metadata)
 
     @classmethod
     def from_feature_stats(cls, stats: FeatureStats) -> FeatureSums:
@@ -254,6 +348,33 @@ def load_and_merge(paths: Iterable[str | os.PathLike], *, require_complete: bool
 
 def fid_from_sums(fake: FeatureSums, ref: FeatureStats | FeatureSums) -> float:
     """FID (float64) of the samples summarised by ``fake`` against reference statistics ``ref``."""
-    from .metrics import fid_from_stats
-
     return fid_from_stats(fake.mean, fake.cov, ref.mean, ref.cov)
+
+
+def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+    """Frechet distance between Gaussians: ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2)``, float64.
+
+    torch-fidelity's ``fid_statistics_to_metric`` takes tr sqrt(S1 S2) as the sum of square roots of the
+    (non-symmetric) eigenvalues of S1 S2. The same eigenvalues are those of the symmetric PSD matrix
+    sqrt(S1) S2 sqrt(S1), so two symmetric eigendecompositions give the same number several times faster
+    (tests check the agreement with torch-fidelity).
+    """
+
+    def arr(a):
+        return torch.as_tensor(np.asarray(a.detach().cpu().numpy() if torch.is_tensor(a) else a, dtype=np.float64))
+
+    mu1, sigma1, mu2, sigma2 = arr(mu1), arr(sigma1), arr(mu2), arr(sigma2)
+    d = mu1.shape[0] if mu1.ndim == 1 else -1
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(
+            f"inconsistent shapes: mu1 {tuple(mu1.shape)}, sigma1 {tuple(sigma1.shape)}, "
+            f"mu2 {tuple(mu2.shape)}, sigma2 {tuple(sigma2.shape)}"
+        )
+    sym1 = (sigma1 + sigma1.T) / 2
+    w, V = torch.linalg.eigh(sym1)
+    root1 = (V * w.clamp(min=0).sqrt()) @ V.T  # sqrt(S1)
+    inner = root1 @ ((sigma2 + sigma2.T) / 2) @ root1
+    ev = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0)
+    diff = mu1 - mu2
+    fid = diff @ diff + torch.trace(sigma1) + torch.trace(sigma2) - 2 * ev.sqrt().sum()
+    return float(fid)

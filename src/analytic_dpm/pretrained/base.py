@@ -8,8 +8,6 @@ Our convention (spec section 0): ``eps_model(x_t, t)`` with integer ``t`` in 1..
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,22 +16,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
+from ..identity import file_sha256  # re-exported: the identity of a weights file
 from ..schedule import NoiseSchedule
 
 __all__ = ["EpsAdapter", "PretrainedError", "PretrainedModel", "file_sha256"]
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError, ValueError):
     """A pretrained source cannot be used as given; the message says what to do."""
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """``sha256:<hex>`` of a file's bytes (the identity of a weights file in result rows)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return f"sha256:{h.hexdigest()}"
 
 
 class EpsAdapter(nn.Module):

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from ..files import safe_torch_load
 from .base import PretrainedError
 
 __all__ = ["is_state_dict", "read_weights"]
@@ -23,12 +23,11 @@ def read_weights(source: str | os.PathLike, what: str) -> tuple[Path, Any]:
     if path.is_dir():
         raise PretrainedError(f"{what} expects a weights file, but {str(path)!r} is a directory; pass the file itself")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+        obj = safe_torch_load(path, what=f"{what} weights file")
+    except ValueError as exc:
         raise PretrainedError(
-            f"cannot read {str(path)!r} as a PyTorch weights file with torch.load(weights_only=True) "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Files are loaded without "
-            "running any code they may contain; re-save the weights as a plain state dict (a dict of tensors)."
+            f"cannot read {str(path)!r} with torch.load(weights_only=True): {exc} Files are loaded without running "
+            "any code they may contain; re-save the weights as a plain state dict (a dict of tensors)."
         ) from exc
     return path, obj
 

@@ -1,53 +1,25 @@
-"""Training half of Analytic-DPM: Lightning module, EMA, Gamma calibration callback, checkpoints.
+"""Training half of Analytic-DPM: the Lightning module, the Gamma callback, checkpoints, the run behind ``train.py``.
 
-Public API:
+    cfg -> train(cfg) -> DiffusionModule (eps-MSE, EMA) + ReproducibleDataModule under a Lightning Trainer
+        -> GammaCalibration at epoch ends -> checkpoints with Gamma inside -> load_checkpoint / calibrate_checkpoint
+
+What a user needs:
 
 - :class:`DiffusionModule`: epsilon-MSE training of ``eps_model(x_t, t)`` (t in 1..N) with AdamW and an EMA.
 - :class:`GammaCalibration`: Lightning callback estimating Gamma with the EMA weights at epoch ends.
-- :class:`ReproducibleDataModule`: wraps an :mod:`analytic_dpm.data` datamodule; the batch order is a
-  function of (seed, batch number), so resuming is exact.
 - :func:`load_checkpoint` -> :class:`LoadedCheckpoint`: EMA model, schedule, Gamma and config of a checkpoint.
 - :func:`calibrate_checkpoint`: estimate Gamma for a checkpoint and write it back
-  (CLI: ``python -m analytic_dpm.training.calibrate --ckpt PATH --num-samples M``).
+  (CLI: ``python -m analytic_dpm.calibrate --ckpt PATH --num-samples M``).
 - :func:`train`: the run behind ``train.py`` (a composed Hydra config in, a summary dict out).
+
+The building blocks live in the submodules: :mod:`.module`, :mod:`.gamma_callback`, :mod:`.checkpoint`,
+:mod:`.data` (the reproducible batch order), :mod:`.resume`, :mod:`.run`.
 """
 
-from .calibration import (
-    GammaCalibration,
-    GammaCalibrationError,
-    calibrate_gamma,
-    check_calibrated_gamma,
-    plot_gamma,
-    plot_variance_bounds,
-    quick_nll,
-)
-from .checkpoint import LoadedCheckpoint, build_datamodule, calibrate_checkpoint, load_checkpoint, read_checkpoint
-from .data import ReproducibleDataModule, StreamBatchSampler, mix_seed
-from .module import CHECKPOINT_KEY, DiffusionModule, TrainingDivergedError, build_model
-from .run import USER_ERRORS, ConfigError, run_cli, train
+from .checkpoint import LoadedCheckpoint, calibrate_checkpoint, load_checkpoint
+from .gamma_callback import GammaCalibration
+from .module import DiffusionModule
+from .run import train
 
-__all__ = [
-    "CHECKPOINT_KEY",
-    "USER_ERRORS",
-    "ConfigError",
-    "DiffusionModule",
-    "GammaCalibration",
-    "GammaCalibrationError",
-    "LoadedCheckpoint",
-    "ReproducibleDataModule",
-    "StreamBatchSampler",
-    "TrainingDivergedError",
-    "build_datamodule",
-    "build_model",
-    "calibrate_checkpoint",
-    "calibrate_gamma",
-    "check_calibrated_gamma",
-    "load_checkpoint",
-    "mix_seed",
-    "plot_gamma",
-    "plot_variance_bounds",
-    "quick_nll",
-    "read_checkpoint",
-    "run_cli",
-    "train",
-]
+__all__ = ["DiffusionModule", "GammaCalibration", "LoadedCheckpoint", "calibrate_checkpoint", "load_checkpoint",
+           "train"]

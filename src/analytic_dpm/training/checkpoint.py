@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +23,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..files import atomic_write
-from ..registry import UnsafeConfigError, build_network
-from ..registry import build_datamodule as registry_build_datamodule
+from ..errors import MissingFileError
+from ..files import atomic_write, safe_torch_load
+from ..registry import UnsafeConfigError, build_datamodule, build_network
 from ..schedule import NoiseSchedule
-from .calibration import calibrate_gamma
-from .data import mix_seed
-from .module import CHECKPOINT_KEY
+from ..seeding import mix_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedCheckpoint", "build_datamodule", "calibrate_checkpoint", "load_checkpoint", "read_checkpoint"]
+__all__ = ["CHECKPOINT_KEY", "FORMAT_VERSION", "LoadedCheckpoint", "calibrate_checkpoint", "load_checkpoint",
+           "read_checkpoint"]
+
+#: key of this project's entry in a Lightning checkpoint (written by DiffusionModule.on_save_checkpoint)
+CHECKPOINT_KEY = "analytic_dpm"
+FORMAT_VERSION = 1
 
 CALIBRATE_COMMAND = "python -m analytic_dpm.training.calibrate --ckpt {path} --num-samples 100"
 
@@ -72,7 +73,7 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     """``torch.load(path, weights_only=True)`` with clear errors (FileNotFoundError / ValueError)."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
+        raise MissingFileError(f"checkpoint not found: {p}")
     if not p.is_file():
         raise ValueError(f"{p} is not a file (expected a .ckpt checkpoint file)")
     ckpt = safe_torch_load(p, map_location=map_location, what="checkpoint")
@@ -91,38 +92,6 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     if "schedule" not in diff or "N" not in diff:
         raise ValueError(f"{p}: hyper_parameters.diffusion needs 'schedule' and 'N', got {dict(diff)}")
     return ckpt
-
-
-def safe_torch_load(path: Path, map_location="cpu", what: str = "file") -> Any:
-    """``torch.load(path, weights_only=True)`` with messages that say what is wrong with the file.
-
-    Never suggests ``weights_only=False``: a file that needs it holds pickled code, which this project refuses to
-    run (it may come from someone else).
-    """
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty (0 bytes): not a {what}; was it written completely?")
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    is_zip = zipfile.is_zipfile(path)
-    if not is_zip and not head.startswith(b"\x80"):  # neither torch.save's zip nor its legacy pickle format
-        raise ValueError(f"{path} is not a readable PyTorch {what}: not a file written by torch.save")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
-        text = str(e)
-        if "Unsupported global" in text:
-            found = re.search(r"GLOBAL (\S+)", text)
-            detail = f" (it names {found.group(1)})" if found else ""
-            raise ValueError(
-                f"{path} holds pickled Python objects besides tensors and plain containers{detail}; refusing to "
-                f"unpickle it, since that could run code. A {what} of this project holds only tensors, numbers, "
-                "strings, lists and dicts."
-            ) from None
-        if is_zip:
-            reason = f"a damaged archive ({type(e).__name__})"
-        else:
-            reason = "not a file written by torch.save (no zip archive inside)"
-        raise ValueError(f"{path} is not a readable PyTorch {what}: {reason}") from None
 
 
 def _schedule_of(hp: Mapping, p: Path) -> NoiseSchedule:
@@ -203,12 +172,6 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> LoadedCheckp
     return LoadedCheckpoint(model=model, schedule=schedule, gamma=gamma, gamma_meta=meta, hparams=dict(hp), path=p)
 
 
-def build_datamodule(data_cfg: Mapping, **overrides: Any):
-    """A datamodule from a (plain) ``data`` config section read from a checkpoint, e.g. ``hparams["data"]``,
-    through the allow list of :mod:`analytic_dpm.registry` (a file never chooses what code runs)."""
-    return registry_build_datamodule(data_cfg, where="hyper_parameters.data", **overrides)
-
-
 def _atomic_save(obj: Any, out: Path) -> None:
     atomic_write(out, lambda fh: torch.save(obj, fh))
 
@@ -262,22 +225,19 @@ def calibrate_checkpoint(
     if datamodule is None:
         if not isinstance(hp.get("data"), Mapping):
             raise ValueError(f"{p}: hyper_parameters has no 'data' section; pass a datamodule")
-        datamodule = build_datamodule(hp["data"], **dict(data_overrides or {}))
+        datamodule = build_datamodule(hp["data"], where="hyper_parameters.data", **dict(data_overrides or {}))
     precision = calibration_precision(precision, autocast)
-    from ..accel import prepare_eps_model
-
-    network = prepare_eps_model(model.eval(), precision=precision, compile=compile, device=dev,
-                                static_batch=int(batch_size))
+    from ..calibration import calibrate_gamma
 
     gseed = mix_seed(int(seed), "gamma-calibration", "checkpoint")
-    gen = torch.Generator(device=dev).manual_seed(gseed)
-    gamma, seconds = calibrate_gamma(network, schedule, datamodule, num_samples, batch_size, generator=gen,
+    gamma, seconds = calibrate_gamma(model.eval(), schedule, datamodule.train_pool(None), num_samples, batch_size,
+                                     seed=gseed, device=dev, precision=precision, compile=compile,
                                      progress=progress, where=f"Gamma calibration of {p}")
     state = dict(ckpt.get(CHECKPOINT_KEY) or {})
     state.update(
         gamma=gamma, gamma_M=int(num_samples), gamma_epoch=ckpt.get("epoch"), gamma_step=ckpt.get("global_step"),
         calibration_seconds=float(seconds), gamma_seed=gseed, schedule=schedule.name, N=schedule.N,
-        gamma_precision=network.settings.precision,
+        gamma_precision=precision,
     )  # fmt: skip
     ckpt[CHECKPOINT_KEY] = state
     out = Path(out_path).expanduser() if out_path is not None else p

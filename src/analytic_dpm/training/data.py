@@ -19,29 +19,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..seeding import mix_seed
+
 log = logging.getLogger(__name__)
 
-__all__ = ["PlannedBatchDataset", "ReproducibleDataModule", "StreamBatchSampler", "StreamDataLoader", "mix_seed"]
-
-
-def mix_seed(*parts: int | str) -> int:
-    """A well-mixed 63-bit seed from integers and short strings (stable across runs and platforms)."""
-    words: list[int] = []
-    for p in parts:
-        if isinstance(p, str):
-            words.extend(p.encode())
-            words.append(0x5EED)
-        else:
-            v = int(p)
-            words.extend([v & 0xFFFFFFFF, (v >> 32) & 0xFFFFFFFF, 1 if v < 0 else 0])
-    lo, hi = (int(w) for w in np.random.SeedSequence(words).generate_state(2, dtype=np.uint32))
-    return ((hi << 32) | lo) & ((1 << 63) - 1)
+__all__ = ["PlannedBatchDataset", "ReproducibleDataModule", "StreamBatchSampler", "StreamDataLoader"]
 
 
 class StreamBatchSampler(Sampler):

@@ -45,49 +45,26 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from torch import Tensor, nn
 
+from ..accel import CompileFallbackWarning, parse_flag
 from ..data import to_model_space
+from ..errors import UserError
 from ..nets import set_attention_float32
+from ..registry import plain
 from ..schedule import NoiseSchedule
-from .data import mix_seed
+from ..seeding import mix_seed
+from .checkpoint import CHECKPOINT_KEY, FORMAT_VERSION
 from .resume import normalize_epoch_end_checkpoint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_KEY", "DiffusionModule", "TrainingDivergedError", "build_model", "plain"]
+__all__ = ["DiffusionModule", "TrainingDivergedError", "build_model"]
 
-#: key of this project's entry in a Lightning checkpoint
-CHECKPOINT_KEY = "analytic_dpm"
-FORMAT_VERSION = 1
 #: steps between divergence checks when logging is off (trainer.log_every_n_steps=0)
 CHECK_EVERY_WITHOUT_LOGGING = 100
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(UserError, RuntimeError):
     """The training loss became non-finite or exploded; the message says at which step and what to try."""
-
-
-class CompileFallbackWarning(RuntimeWarning):
-    """``torch.compile`` of the training network failed; the run continues eagerly (identical numbers)."""
-
-
-def plain(obj: Any) -> Any:
-    """A deep copy of ``obj`` made only of dict / list / str / int / float / bool / None (OmegaConf resolved)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            obj = OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, Mapping):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, Tensor) and obj.numel() == 1:
-        return obj.item()
-    return str(obj)
 
 
 def build_model(model_cfg: Mapping) -> nn.Module:
@@ -102,16 +79,6 @@ def build_model(model_cfg: Mapping) -> nn.Module:
             "nothing to train; choose a network, e.g. model=unet_small"
         )
     return build_network(dict(model_cfg))
-
-
-def _parse_flag(name: str, value: Any) -> bool | str:
-    """``module.<name>``: True / False / "auto", parsed like evaluation's ``compile``."""
-    from ..accel import _parse_compile as parse
-
-    try:
-        return parse(value)
-    except ValueError as e:
-        raise ValueError(f"module.{name}={value!r}: use auto, true or false") from e
 
 
 def _warmup_factor(warmup_steps: int):
@@ -179,10 +146,10 @@ class DiffusionModule(LightningModule):
         self.adam_betas, self.adam_eps = tuple(float(b) for b in betas), float(eps)
         self.warmup_steps = int(warmup_steps)
         self.ema_decay, self.ema_warmup = float(ema_decay), bool(ema_warmup)
-        self.compile_model = _parse_flag("compile", compile)
+        self.compile_model = parse_flag(compile, "module.compile")
         self.compile_mode = None if compile_mode in (None, "default") else str(compile_mode)
         self.channels_last = bool(channels_last)
-        self.fused_optimizer = _parse_flag("fused_optimizer", fused_optimizer)
+        self.fused_optimizer = parse_flag(fused_optimizer, "module.fused_optimizer")
         self.attention_float32 = bool(attention_float32)
         if max_loss is not None and not float(max_loss) > 0:
             raise ValueError(f"max_loss must be positive or null, got {max_loss}")

@@ -14,16 +14,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import DatasetNotAvailableError
-from .calibration import GammaCalibrationError
+from ..errors import ConfigError, MissingFileError, report_user_errors
+from ..registry import plain
 from .data import ReproducibleDataModule
-from .errors import ConfigError
-from .module import DiffusionModule, TrainingDivergedError, plain
+from .module import DiffusionModule
 from .resume import finished_summary, resolve_resume
 
 log = logging.getLogger(__name__)
 
-__all__ = ["USER_ERRORS", "ConfigError", "run_cli", "train"]
-
+__all__ = ["run_cli", "train"]
 
 
 def _instantiate(node, what: str, **kwargs):
@@ -69,7 +68,7 @@ def _check_ckpt_path(ckpt_path) -> str | None:
 
     p = Path(str(ckpt_path)).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file (resume needs an existing .ckpt)")
+        raise MissingFileError(f"ckpt_path={ckpt_path}: no such checkpoint file (resume needs an existing .ckpt)")
     try:
         read_checkpoint(p)  # a corrupt, empty or foreign file fails here with a clear message, not inside Lightning
     except ValueError as e:
@@ -178,26 +177,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (DatasetNotAvailableError, FileNotFoundError, ConfigError,
-                                                 TrainingDivergedError, GammaCalibrationError)
-
-
 def run_cli(cfg: DictConfig) -> float | None:
-    """The Hydra task of ``train.py``: prints a one-paragraph error and exits 2 on a user error."""
+    """The Hydra task of ``train.py``: a user error ends with one ``error: ...`` line and exit code 2."""
     if cfg.get("print_config", False):
         print(OmegaConf.to_yaml(cfg, resolve=False))
-    from omegaconf.errors import MissingMandatoryValue
-
-    try:
+    with report_user_errors(log, prefix="\n"):
         summary = train(cfg)
-    except USER_ERRORS as e:
-        log.error("%s", e)
-        print(f"\nerror: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except MissingMandatoryValue as e:
-        from ..registry import missing_value_message
-
-        print(f"\nerror: {missing_value_message(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
-    loss = summary["metrics"].get("train/loss")
-    return loss
+    return summary["metrics"].get("train/loss")

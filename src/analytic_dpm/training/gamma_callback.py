@@ -1,4 +1,4 @@
-"""Gamma calibration during training (spec section 5) and its quick diagnostics.
+"""Gamma calibration during training (spec section 5) and its quick diagnostics: the Lightning callback.
 
 :class:`GammaCalibration` estimates gamma_n = E ||eps_hat(x_n, n)||^2 / d with the EMA weights in eval mode
 at the end of every ``every_n_epochs``-th training epoch (and of the last one), with its own
@@ -10,8 +10,11 @@ analytic_ddpm's sigma^2 against the Theorem-2 bounds (image ``variance_epochXXX.
 
 Sanity: a Gamma that is not finite (a diverged network) is refused with :class:`GammaCalibrationError`, naming
 the epoch and step, and never stored; a Gamma above 1 on most timesteps is stored with a warning naming the likely
-cause (:func:`check_calibrated_gamma`). Before calibrating, the callback asks the module whether training diverged
-(``check_divergence``), so that error, with its advice, comes first.
+cause (:func:`analytic_dpm.calibration.check_calibrated_gamma`). Before calibrating, the callback asks the module
+whether training diverged (``check_divergence``), so that error, with its advice, comes first.
+
+The estimate itself is the package's one calibration path, :func:`analytic_dpm.calibration.calibrate_gamma`; the
+plots are those of :mod:`analytic_dpm.plots` (the evaluation report draws the same ones).
 """
 
 from __future__ import annotations
@@ -28,105 +31,19 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
+from ..calibration import GammaCalibrationError, calibrate_gamma, check_calibrated_gamma, eval_mode
 from ..data import to_model_space
-from ..gamma import estimate_gamma, gamma_warnings
 from ..likelihood import nll_bpd
+from ..plots import plot_gamma, plot_variance_bounds, variance_curves
 from ..schedule import NoiseSchedule
+from ..seeding import mix_seed
 from ..trajectory import make_trajectory
-from ..validation import NonFiniteOutputError
-from ..variance import reverse_variance, variance_bounds
-from .data import mix_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "GammaCalibration",
-    "GammaCalibrationError",
-    "calibrate_gamma",
-    "check_calibrated_gamma",
-    "plot_gamma",
-    "plot_variance_bounds",
-    "quick_nll",
-]
+__all__ = ["GammaCalibration", "quick_nll"]
 
 NLL_METHODS = ("ddpm_beta", "ddpm_beta_tilde", "analytic_ddpm")
-_ADVICE = ("the network has probably diverged (or its checkpoint is broken); Gamma was not stored. Try a lower "
-           "learning rate, gradient clipping or fp32 instead of bf16, and resume from an earlier checkpoint")
-
-
-class GammaCalibrationError(ValueError):
-    """Gamma cannot be calibrated from this network (non-finite outputs or Gamma); the message says where.
-
-    A ValueError, so the calibrate CLI reports it as one line with exit code 2."""
-
-
-def check_calibrated_gamma(gamma: Tensor, where: str = "Gamma calibration") -> None:
-    """Refuse a non-finite Gamma (:class:`GammaCalibrationError`); log a warning when Gamma > 1 on most timesteps.
-
-    ``where`` names the calibration in the messages (e.g. ``"Gamma calibration at epoch 3, step 1200"``).
-    """
-    g = torch.as_tensor(gamma, dtype=torch.float64)[1:]
-    bad = ~torch.isfinite(g)
-    if bool(bad.any()):
-        n = (torch.nonzero(bad).flatten() + 1).tolist()
-        raise GammaCalibrationError(
-            f"{where}: Gamma is not finite (NaN or inf) at {len(n)} of {g.numel()} timesteps (first n={n[0]}): "
-            f"{_ADVICE}."
-        )
-    for msg in gamma_warnings(gamma):
-        log.warning("%s: %s", where, msg)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put ``model`` in eval mode (dropout off) and restore its previous mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def calibrate_gamma(
-    eps_model: nn.Module,
-    schedule: NoiseSchedule,
-    datamodule,
-    num_samples: int,
-    batch_size: int,
-    *,
-    generator: torch.Generator,
-    pool_size: int | None = None,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    progress: bool = True,
-    where: str = "Gamma calibration",
-    check: bool = True,
-) -> tuple[Tensor, float]:
-    """(gamma float64 [N+1] on CPU, wall seconds): estimate_gamma on the datamodule's training data.
-
-    The pool is ``datamodule.train_pool(pool_size, generator)`` (the whole training set when ``pool_size``
-    is None); points are drawn from it uniformly with replacement by :func:`estimate_gamma`.
-    Non-finite network outputs raise :class:`GammaCalibrationError` naming ``where``; with ``check`` the result
-    goes through :func:`check_calibrated_gamma` (refused when not finite, a warning when mostly > 1).
-    """
-    start = time.perf_counter()
-    pool_gen = torch.Generator().manual_seed(int(generator.initial_seed()))
-    pool = datamodule.train_pool(pool_size, generator=pool_gen) if pool_size else datamodule.train_pool(None)
-    try:
-        with eval_mode(eps_model), torch.no_grad(), autocast():
-            gamma = estimate_gamma(
-                eps_model, schedule, pool, num_samples=int(num_samples), batch_size=int(batch_size),
-                generator=generator, progress=progress,
-            )  # fmt: skip
-    except NonFiniteOutputError as e:
-        raise GammaCalibrationError(f"{where}: {e} {_ADVICE}.") from e
-    if gamma.is_cuda:
-        torch.cuda.synchronize(gamma.device)
-    gamma = gamma.detach().to("cpu", torch.float64)
-    if check:
-        check_calibrated_gamma(gamma, where)
-    return gamma, time.perf_counter() - start
-
 
 def quick_nll(
     eps_model: nn.Module,
@@ -169,63 +86,6 @@ def quick_nll(
             for m, v in bpd.items():
                 out[f"nll_K{K}/{m}"] = float(v.mean())
     return out
-
-
-def _figure(width: float = 6.0, height: float = 4.0):
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, thread-safe
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    return fig, fig.add_subplot(1, 1, 1)
-
-
-def plot_gamma(gamma: Tensor, schedule: NoiseSchedule, path: Path, title: str = "") -> Path:
-    """Plot gamma_n (mean square of the predicted noise) and the implied U_n = bbar/abar (1 - gamma) clip."""
-    fig, ax = _figure()
-    n = torch.arange(1, schedule.N + 1)
-    ax.plot(n.numpy(), gamma[1:].numpy(), lw=1.2, label=r"$\gamma_n = E\|\hat\epsilon\|^2/d$")
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("n")
-    ax.set_ylabel(r"$\gamma_n$")
-    ax.set_title(title or f"Gamma ({schedule.name}, N={schedule.N})")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
-def plot_variance_bounds(
-    schedule: NoiseSchedule, gamma: Tensor, Ks: Sequence[int], path: Path, data_range=(-1.0, 1.0), title: str = ""
-) -> Path | None:
-    """sigma^2 of analytic_ddpm (and the two baselines) against the Theorem-2 bounds, even trajectories."""
-    Ks = [int(K) for K in Ks if 3 <= int(K) <= schedule.N]
-    if not Ks:
-        return None
-    fig, axes = _figure(5.0 * len(Ks), 4.0)
-    fig.clear()
-    for i, K in enumerate(Ks):
-        ax = fig.add_subplot(1, len(Ks), i + 1)
-        taus = make_trajectory("even", schedule.N, K)
-        lo, hi = variance_bounds(schedule, taus, "ddpm", data_range=data_range)
-        curves = {m: reverse_variance(schedule, taus, m, gamma, data_range=data_range) for m in NLL_METHODS}
-        t = torch.tensor(taus[1:]).numpy()  # pairs with s >= 1 (the first pair has lambda^2 = 0)
-        ax.fill_between(t, lo[1:].numpy(), hi[1:].numpy(), color="tab:blue", alpha=0.15, label="Thm 2 bounds")
-        ax.plot(t, lo[1:].numpy(), color="tab:blue", lw=0.8)
-        ax.plot(t, hi[1:].numpy(), color="tab:blue", lw=0.8)
-        styles = {"analytic_ddpm": ("tab:red", "-"), "ddpm_beta": ("k", ":"), "ddpm_beta_tilde": ("grey", "--")}
-        for m, v in curves.items():
-            c, ls = styles[m]
-            ax.plot(t, v[1:].numpy(), color=c, ls=ls, lw=1.2, label=m)
-        ax.set_yscale("log")
-        ax.set_xlabel("t (pair s -> t)")
-        ax.set_ylabel(r"$\sigma^2_{s|t}$")
-        ax.set_title(f"K={K}, even trajectory")
-        if i == 0:
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
 
 
 def _is_last_epoch(trainer: Trainer) -> bool:
@@ -340,10 +200,12 @@ class GammaCalibration(Callback):
         where = f"Gamma calibration at epoch {epoch}, step {step}"
         error: GammaCalibrationError | None = None
         if trainer.is_global_zero:
-            gen = torch.Generator(device=device).manual_seed(seed)
+            # the pool: the whole training set, or pool_size examples drawn with a generator of the same seed
+            pool = dm.train_pool(self.pool_size, generator=torch.Generator().manual_seed(seed)) if self.pool_size \
+                else dm.train_pool(None)
             try:
                 gamma, seconds = calibrate_gamma(
-                    ema, schedule, dm, self.num_samples, self.batch_size, generator=gen, pool_size=self.pool_size,
+                    ema, schedule, pool, self.num_samples, self.batch_size, seed=seed, device=device,
                     autocast=autocast, progress=self.progress, where=where, check=False,
                 )  # fmt: skip
             except GammaCalibrationError as e:  # every rank must learn of it (below), not only rank 0
@@ -392,11 +254,13 @@ class GammaCalibration(Callback):
         if self.plots:
             data_range = getattr(dm, "data_range", (-1.0, 1.0))
             title = f"epoch {epoch}, step {step}, M={self.num_samples}"
-            images["calib/gamma_plot"] = plot_gamma(gamma, schedule, out_dir / f"gamma_{stem}.png", title)
-            vb = plot_variance_bounds(schedule, gamma, self.bounds_K, out_dir / f"variance_{stem}.png", data_range,
-                                      title)
-            if vb is not None:
-                images["calib/variance_bounds"] = vb
+            images["calib/gamma_plot"] = plot_gamma(gamma, out_dir / f"gamma_{stem}.png",
+                                                    abar=schedule.alphas_cumprod, title=title)
+            Ks = [K for K in self.bounds_K if 2 <= K <= schedule.N]
+            if Ks:
+                curves = variance_curves(schedule, gamma, Ks, data_range)
+                images["calib/variance_bounds"] = plot_variance_bounds(curves, out_dir / f"variance_{stem}.png",
+                                                                       title=title)
         self.history.append({**record, "files": [str(json_path), *map(str, images.values())]})
         self._log_rich(trainer, gamma, images, step)
         nll_txt = ", ".join(f"{k[6:]}={v:.3f}" for k, v in scalars.items() if k.startswith("calib/nll_K"))
