@@ -4,7 +4,7 @@
     python evaluate.py model=oracle_gaussian                   # closed-form ground truth, no checkpoint
     python evaluate.py ckpt_path=... eval=quick                # a small grid for a CPU
     python evaluate.py -m ckpt_path=... eval.K=10,25 eval.method=analytic_ddpm,ddim   # one job per cell
-    python -m analytic_dpm.evaluation.merge outputs/evaluate/multirun/<date>          # one grid from the jobs
+    python -m analytic_dpm.evaluation.merge outputs/evaluate/multirun/<date>_<time>   # one grid from the jobs
 """
 
 import os

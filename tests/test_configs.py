@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,43 @@ def test_paths_and_hydra_dirs(monkeypatch, tmp_path):
     assert cfg_of().paths.data_dir == "/datasets"
     assert cfg.callbacks.model_checkpoint.save_last is True
     assert OmegaConf.to_container(cfg.callbacks.model_checkpoint)["dirpath"] == "${paths.output_dir}/checkpoints"
+
+
+@pytest.mark.parametrize("config_name", ["train", "evaluate"])
+@pytest.mark.parametrize("adpm_root", [True, False])
+def test_sweep_dir_resolves_before_any_job(monkeypatch, tmp_path, config_name, adpm_root):
+    """A multirun resolves hydra.sweep.dir on the launching process, before any job installs HydraConfig (issue 16).
+
+    paths.root_dir is ``${oc.env:ADPM_ROOT,${hydra:runtime.cwd}}``: OmegaConf evaluates the default branch even when
+    ADPM_ROOT is set, so without the SweepHydraConfig callback (on_multirun_start) this raises "HydraConfig was not
+    set". With it: <root>/outputs/<task>/multirun/<date>_<time>, root = ADPM_ROOT, else the launch directory.
+    """
+    from analytic_dpm.hydra_callbacks import SweepHydraConfig
+
+    if adpm_root:
+        monkeypatch.setenv("ADPM_ROOT", str(tmp_path))
+    else:
+        monkeypatch.delenv("ADPM_ROOT", raising=False)
+        monkeypatch.chdir(tmp_path)  # hydra.runtime.cwd is the directory the config is composed in
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name, return_hydra_config=True)
+    callbacks = {c._target_ for c in cfg.hydra.callbacks.values()}
+    assert callbacks == {"analytic_dpm.hydra_callbacks.SweepHydraConfig"}
+    hydra_config = HydraConfig.instance()
+    saved, hydra_config.cfg = hydra_config.cfg, None  # as on the launching process of a multirun
+    try:
+        with pytest.raises(Exception, match="HydraConfig was not set"):
+            _ = cfg.hydra.sweep.dir
+        callback = SweepHydraConfig()
+        callback.on_multirun_start(config=cfg)
+        sweep_dir = Path(cfg.hydra.sweep.dir)
+        assert sweep_dir.parent == tmp_path / "outputs" / cfg.task_name / "multirun"
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}", sweep_dir.name), sweep_dir
+        assert cfg.paths.log_dir == f"{tmp_path}/outputs"
+        callback.on_multirun_end(config=cfg)
+        assert hydra_config.cfg is None  # what it was before the multirun
+    finally:
+        hydra_config.cfg = saved
 
 
 def test_trainer_ddp_and_slurm_launcher():
