@@ -27,6 +27,17 @@ Schedule (float64, rebuilt from diffusers' formulas; diffusers itself keeps floa
 - ``trained_betas``:     the listed values (they override beta_schedule, as in diffusers)
 
 Timestep convention: the UNet is fed t - 1 (diffusers' timestep i is our n = i + 1).
+
+Sampling timesteps (``spaced_trajectory``): what diffusers' DDPMScheduler / DDIMScheduler ``set_timesteps(K)``
+choose for ``timestep_spacing`` (their numpy expressions, so the same K gives the same steps), with
+i = 0..K-1 (diffusers' timesteps; ours are these + 1):
+
+- ``leading`` (diffusers' default): i (N // K) + steps_offset
+- ``linspace``:                     round(linspace(0, N - 1, K)), numpy's round (half to even)
+- ``trailing``:                     round(arange(N, 0, -N/K)) - 1; where floating point makes numpy's arange
+                                    yield K + 1 values (the last one -1, e.g. N = 1000, K = 61) the first K are
+                                    kept: diffusers' own list then has a K+1-th timestep -1
+``steps_offset`` applies to ``leading`` only, as in diffusers.
 Refused with a message: x0- (``sample``) or v-predicting models, class-conditional or cross-attention UNets,
 latent pipelines (a VAE/VQ-VAE), continuous-time schedulers and Fourier (continuous sigma) time embeddings,
 zero-terminal-SNR rescaling (beta_N = 1), unknown beta schedules and missing files.
@@ -44,10 +55,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..schedule import NoiseSchedule
+from ..validation import check_K
 from .base import EpsAdapter, PretrainedError, PretrainedModel, file_sha256
 
 __all__ = [
@@ -59,6 +72,8 @@ __all__ = [
     "load",
     "require_diffusers",
     "schedule_from_config",
+    "spaced_trajectory",
+    "TIMESTEP_SPACINGS",
 ]
 
 DIFFUSERS_MISSING = (
@@ -80,6 +95,8 @@ CONTINUOUS_SCHEDULERS = (
 )
 #: config keys that only continuous-time schedulers carry
 CONTINUOUS_KEYS = ("sigma_min", "sigma_max", "sigma_data", "snr", "sampling_eps", "beta_min", "beta_max", "shift")
+#: diffusers' ``timestep_spacing`` values (``spaced_trajectory``); ``leading`` is diffusers' default
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 #: model_index.json components that make a pipeline latent (the UNet denoises latents, not images)
 LATENT_COMPONENTS = ("vae", "vqvae", "vqgan", "movq")
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -200,6 +217,30 @@ def schedule_from_config(config: Mapping[str, Any], where: str = "the scheduler 
         return NoiseSchedule.from_betas(betas, name=f"diffusers:{name}")
     except ValueError as e:
         raise PretrainedError(f"{where} gives betas that are not a valid schedule: {e}") from e
+
+
+def spaced_trajectory(spacing: str, N: int, K: int, steps_offset: int = 0) -> list[int]:
+    """tau_1 < ... < tau_K in 1..N: the timesteps diffusers' ``set_timesteps(K)`` picks for ``timestep_spacing``
+    ``spacing``, plus one (our convention; module docstring). Raises ValueError for an unknown spacing or a
+    ``steps_offset`` that pushes a ``leading`` timestep past N - 1."""
+    check_K(K, N)
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+        raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset!r}")
+    if spacing == "leading":
+        steps = np.arange(0, K) * (N // K) + steps_offset
+        if steps[-1] > N - 1:
+            raise ValueError(
+                f"timestep_spacing 'leading' with steps_offset={steps_offset} puts the timestep {steps[-1]} past "
+                f"num_train_timesteps - 1 = {N - 1} at K = {K} (diffusers would index out of range); use a smaller "
+                "K, steps_offset=0 or another timestep_spacing"
+            )
+    elif spacing == "linspace":
+        steps = np.linspace(0, N - 1, K).round().astype(np.int64)
+    elif spacing == "trailing":
+        steps = (np.round(np.arange(N, 0, -N / K)).astype(np.int64) - 1)[:K]  # [:K]: arange's float artefact
+    else:
+        raise ValueError(f"unknown timestep_spacing {spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
+    return sorted(int(i) + 1 for i in steps)
 
 
 # ---------------------------------------------------------------------------------------------- files
