@@ -12,9 +12,10 @@ from .gamma import estimate_gamma
 from .likelihood import nll_bpd
 from .methods import ALL_METHODS, HEAD_METHODS, METHODS, head_kind, needs_head
 from .moments import reverse_moments
+from .pair_costs import estimate_pair_costs
 from .sampler import sample
 from .schedule import NoiseSchedule
-from .trajectory import TRAJECTORY_KINDS, make_trajectory
+from .trajectory import TRAJECTORY_KINDS, make_trajectory, optimal_trajectory_from_costs
 from .variance import reverse_variance, variance_bounds
 
 __all__ = [
@@ -24,10 +25,12 @@ __all__ = [
     "NoiseSchedule",
     "TRAJECTORY_KINDS",
     "estimate_gamma",
+    "estimate_pair_costs",
     "head_kind",
     "make_trajectory",
     "needs_head",
     "nll_bpd",
+    "optimal_trajectory_from_costs",
     "oracles",
     "accel",
     "prepare_eps_model",
