@@ -350,6 +350,10 @@ def test_errors_say_what_to_do():
         reverse_variance(SCHED, [1, 10], "npr_ddpm")
     with pytest.raises(ValueError, match="0 <= s < t <= N"):
         reverse_moments(ANISO, SCHED, x, 10, 10, "ddim")
+    with pytest.raises(ValueError, match="integer timesteps"):
+        reverse_moments(ANISO, SCHED, x, 0.5, 10, "ddim")
+    mean, _ = reverse_moments(ANISO, SCHED, x, torch.tensor(3), torch.tensor(10), "ddim")  # 0-d integer tensors
+    assert mean.shape == x.shape
     with pytest.raises(ValueError, match="needs gamma"):
         reverse_moments(ANISO, SCHED, x, 0, 10, "analytic_ddpm")
     with pytest.raises(TypeError, match="must return eps_hat"):

@@ -3,8 +3,9 @@
 NELBO = L_prior + sum_{k=2..K} L_{tau_{k-1}|tau_k} + L_0, each term with one fresh eps. All DDPM-type
 methods share ONE set of network evaluations: the reverse mean mu(x_t) is the same for all of them
 and only sigma^2 differs. A head model's head output gives the covariance-head methods (sn_ddpm, npr_ddpm) their
-per-pixel sigma^2(x_t) (spec section 11; the same :func:`~analytic_dpm.moments.head_variance` as sampling), eps_hat
-serves every method. Terms are returned per image as columns
+per-pixel sigma^2(x_t) = lambda^2 + c^2 clip(Chat(x_t)) (spec section 11; Chat from
+:func:`~analytic_dpm.moments.clipped_posterior_cov`, as in sampling); eps_hat serves every method. Terms are
+returned per image as columns
     [L_0 (pair (0, tau_1)), L_{tau_1|tau_2}, ..., L_{tau_{K-1}|tau_K}, L_prior]
 i.e. column k-1 belongs to pair k = 1..K and column K is the prior.
 """
@@ -74,7 +75,8 @@ def pixel_kl(lam2: Tensor, c2: Tensor, cov: Tensor, sq_err: Tensor) -> Tensor:
     makes few passes over large blocks. Arguments broadcast; needs lambda^2 > 0 (DDPM forward, s >= 1)."""
     k = c2 / lam2
     kc = k * cov
-    return 0.5 * (torch.log1p(kc) + k * (sq_err - cov) / kc.add_(1))
+    log_ratio = torch.log1p(kc)  # log(sigma^2 / lambda^2)
+    return 0.5 * (log_ratio + k * (sq_err - cov) / kc.add_(1))  # kc + 1 = sigma^2 / lambda^2, in place
 
 
 def _decoder_variance(schedule: NoiseSchedule, tau1: int, method: str, gamma, data_range, mode: str) -> float:

@@ -20,13 +20,14 @@ The pieces, in the order of a step:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .methods import check_method, head_kind, needs_gamma
+from .methods import HEAD_KINDS, check_method, head_kind, needs_gamma
 from .schedule import NoiseSchedule
 from .validation import check_gamma, validate_trajectory
 from .variance import (
@@ -39,8 +40,6 @@ from .variance import (
     step_coefficients,
     trajectory_pairs,
 )
-
-HeadOutput = tuple[Tensor, Tensor]
 
 
 # --------------------------------------------------------------------------------------------- model outputs
@@ -120,7 +119,7 @@ def posterior_cov(kind: str, eps_hat: Tensor, head: Tensor, abar_t, bbar_t) -> T
         return (bbar_t / abar_t) * (head - eps_hat**2)
     if kind == "npr":
         return (bbar_t / abar_t) * head
-    raise ValueError(f"unknown head kind {kind!r}; use 'sn' or 'npr'")
+    raise ValueError(f"unknown head kind {kind!r}; choose one of {', '.join(HEAD_KINDS)}")
 
 
 def clip_posterior_cov(chat: Tensor, data_range: DataRange, avg_cov: bool = False) -> Tensor:
@@ -270,8 +269,12 @@ def reverse_moments(
     """
     check_method(method)
     N = schedule.N
-    if not (isinstance(s, int) and isinstance(t, int) and 0 <= s < t <= N):
-        raise ValueError(f"a step needs integers 0 <= s < t <= N = {N}; got s = {s!r}, t = {t!r}")
+    try:
+        s, t = operator.index(s), operator.index(t)  # Python, NumPy or 0-d integer tensor indices
+    except TypeError:
+        raise ValueError(f"s and t must be integer timesteps; got s = {s!r}, t = {t!r}") from None
+    if not 0 <= s < t <= N:
+        raise ValueError(f"a step needs integers 0 <= s < t <= N = {N}; got s = {s}, t = {t}")
     gamma = check_gamma(gamma, N, required=needs_gamma(method), what=f"method {method!r}")
     check_head_model(model, [method])
     co = pair_coefficients(schedule, s, t, method, gamma, eta, data_range)

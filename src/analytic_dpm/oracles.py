@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from .methods import HEAD_KINDS
 from .schedule import NoiseSchedule
 
 
@@ -25,7 +26,7 @@ class OracleHeadModel:
     """
 
     def __init__(self, oracle: _Oracle, kind: str):
-        if kind not in ("sn", "npr"):
+        if kind not in HEAD_KINDS:
             raise ValueError(f"head kind must be 'sn' or 'npr', got {kind!r}")
         self.eps_model = oracle
         self.head_kind = kind
