@@ -3,7 +3,9 @@
 Every core function (:func:`~analytic_dpm.sample`, :func:`~analytic_dpm.nll_bpd`,
 :func:`~analytic_dpm.estimate_gamma`) takes a noise predictor ``eps_model(x_t, t)``. :func:`prepare_eps_model`
 wraps any such predictor (this package's UNet, a pretrained adapter, a parameter-free oracle) in a
-:class:`PreparedEpsModel` with the same ``(x_t, t) -> eps`` signature, so the core functions run it unchanged:
+:class:`PreparedEpsModel` with the same ``(x_t, t) -> eps`` signature, so the core functions run it unchanged. A head
+model ``(x_t, t) -> (eps_hat, head)`` (spec section 11) is wrapped the same way: both outputs get the precision, the
+float32 cast, the static-batch padding and slicing, and the wrapper reports the model's ``head_kind``.
 
 * ``precision``: ``"fp32"`` (TF32 explicitly off: full float32 matmuls and convolutions), ``"tf32"`` (TF32
   matmuls and cuDNN convolutions on CUDA; no effect on a CPU) or ``"bf16"`` (``torch.autocast`` to bfloat16
@@ -202,18 +204,39 @@ def _autocast(precision: str, device_type: str):
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def _network_call(eps_model: Callable, precision: str, device_type: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """``(x, t) -> float32 eps`` with the autocast part of ``precision`` inside (traceable by torch.compile)."""
+ModelOutput = Tensor | tuple[Tensor, ...]
+
+
+def _map_output(fn: Callable[[Tensor], Tensor], out: ModelOutput) -> ModelOutput:
+    """``fn`` applied to a model output: one tensor (a noise predictor) or a tuple (a head model's (eps_hat, head))."""
+    if isinstance(out, Tensor):
+        return fn(out)
+    if isinstance(out, (tuple, list)):
+        return tuple(fn(o) for o in out)
+    raise TypeError(f"a model must return a tensor or a tuple (eps_hat, head) of tensors, got {type(out).__name__}")
+
+
+def _cat_outputs(outs: list[ModelOutput]) -> ModelOutput:
+    if isinstance(outs[0], Tensor):
+        return torch.cat(outs)
+    return tuple(torch.cat(parts) for parts in zip(*outs))
+
+
+def _network_call(eps_model: Callable, precision: str, device_type: str) -> Callable[[Tensor, Tensor], ModelOutput]:
+    """``(x, t) -> float32 eps`` (or float32 ``(eps, head)``) with the autocast part of ``precision`` inside
+    (traceable by torch.compile)."""
     bf16 = precision == "bf16"
     use_autocast = device_type in ("cuda", "cpu")
 
-    def net_call(x: Tensor, t: Tensor) -> Tensor:
+    def net_call(x: Tensor, t: Tensor) -> ModelOutput:
         if use_autocast:
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
                 out = eps_model(x, t)
         else:
             out = eps_model(x, t)
-        return out.float()
+        if isinstance(out, Tensor):
+            return out.float()
+        return tuple(o.float() for o in out)
 
     return net_call
 
@@ -283,6 +306,11 @@ class PreparedEpsModel(nn.Module):
     def compiled(self) -> bool:
         return self._compiled_fn is not None
 
+    @property
+    def head_kind(self) -> str | None:
+        """The wrapped model's ``head_kind`` (``"sn"`` / ``"npr"`` for a head model, None for a noise predictor)."""
+        return getattr(self.eps_model, "head_kind", None)
+
     def record(self) -> dict[str, Any]:
         """Plain facts for a result row or a log: precision, compile (effective), mode, static batch, seconds."""
         return {
@@ -304,11 +332,11 @@ class PreparedEpsModel(nn.Module):
             stacklevel=3,
         )
 
-    def _eager_call(self, x: Tensor, t: Tensor) -> Tensor:
+    def _eager_call(self, x: Tensor, t: Tensor) -> ModelOutput:
         with tf32_scope(self.settings.precision == "tf32"):
             return self._eager(x, t)
 
-    def forward(self, x: Tensor, t: Tensor | int) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | int) -> ModelOutput:
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -321,13 +349,13 @@ class PreparedEpsModel(nn.Module):
             self._fall_back(e)  # only reached when the eager network works: compilation was the problem
             return out
 
-    def _static_call(self, x: Tensor, t: Tensor) -> Tensor:
+    def _static_call(self, x: Tensor, t: Tensor) -> ModelOutput:
         n = x.shape[0]
         size = self.static_batch
         if size is None or (self._grow and n > size):
             size = n  # auto mode: the largest batch seen (one compile per new size), kept once the call works
         if n > size:  # a fixed static batch: run in chunks of exactly that size
-            return torch.cat([self._static_call(x[i:i + size], t[i:i + size]) for i in range(0, n, size)])
+            return _cat_outputs([self._static_call(x[i:i + size], t[i:i + size]) for i in range(0, n, size)])
         if n < size:  # pad with copies of the last row (a valid input), slice the result back
             x = torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
             t = torch.cat([t, t[-1:].expand(size - n)])
@@ -347,9 +375,9 @@ class PreparedEpsModel(nn.Module):
             self.compile_events.append((size, seconds))
             log.info("torch.compile: the first call at batch %d (compilation, %s) took %.1f s", size,
                      self.settings.compile_label, seconds)
-        out = out[:n]
+        out = _map_output(lambda o: o[:n], out)
         # CUDA graphs reuse their output buffer at the next replay: hand out a copy
-        return out.clone() if self._cudagraphs else out
+        return _map_output(torch.clone, out) if self._cudagraphs else out
 
 
 def prepare_eps_model(

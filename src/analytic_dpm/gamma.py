@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .files import safe_torch_load
 from .identity import digest_tensor
+from .moments import split_output
 from .pixels import to_model_space
 from .schedule import NoiseSchedule
 from .validation import FiniteWatch
@@ -58,7 +59,8 @@ def estimate_gamma(
 
     Args:
         eps_model: ``eps_model(x_n, n)`` with integer n in 1..N; put it in eval mode (and use EMA
-            weights) before calling. Autocast, if any, is the caller's choice.
+            weights) before calling. Autocast, if any, is the caller's choice. A head model
+            ``(x_n, n) -> (eps_hat, head)`` works too: only eps_hat is used.
         data: a tensor pool of training points (uint8 images or float data in model space), drawn
             uniformly with replacement, or a callable ``(n, generator) -> Tensor`` of fresh samples.
         num_samples: M, the number of (x_0, eps) draws per timestep.
@@ -92,7 +94,7 @@ def estimate_gamma(
         view = (-1,) + (1,) * (x0.ndim - 1)
         # x_n = sqrt(abar_n) x_0 + sqrt(bbar_n) eps
         x_n = (sqrt_abar[n].view(view) * x0 + sqrt_bbar[n].view(view) * eps).float()
-        eps_hat = eps_model(x_n, n).float()
+        eps_hat = split_output(eps_model(x_n, n))[0].float()
         watch.observe(eps_hat, n)
         sums.index_add_(0, n, eps_hat.flatten(1).pow(2).mean(1).double())
         bar.update(count)

@@ -1,8 +1,11 @@
-"""Negative ELBO in bits/dim on a trajectory (spec section 8), DDPM forward process only.
+"""Negative ELBO in bits/dim on a trajectory (spec sections 8 and 11), DDPM forward process only.
 
 NELBO = L_prior + sum_{k=2..K} L_{tau_{k-1}|tau_k} + L_0, each term with one fresh eps. All DDPM-type
 methods share ONE set of network evaluations: the reverse mean mu(x_t) is the same for all of them
-and only sigma^2 differs. Terms are returned per image as columns
+and only sigma^2 differs. A head model's head output gives the covariance-head methods (sn_ddpm, npr_ddpm) their
+per-pixel sigma^2(x_t) = lambda^2 + c^2 clip(Chat(x_t)) (spec section 11; Chat from
+:func:`~analytic_dpm.moments.clipped_posterior_cov`, as in sampling); eps_hat serves every method. Terms are
+returned per image as columns
     [L_0 (pair (0, tau_1)), L_{tau_1|tau_2}, ..., L_{tau_{K-1}|tau_K}, L_prior]
 i.e. column k-1 belongs to pair k = 1..K and column K is the prior.
 """
@@ -18,11 +21,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .gamma import model_device
-from .methods import check_method, needs_gamma
-from .sampler import predict_x0
+from .methods import check_method, head_kind, needs_gamma
+from .moments import call_model, check_head_model, clipped_posterior_cov, predict_x0
 from .schedule import NoiseSchedule
 from .validation import FiniteWatch, check_gamma, validate_trajectory
-from .variance import DataRange, pair_variance, trajectory_pairs
+from .variance import DataRange, pair_variance, step_coefficients, trajectory_pairs
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +65,27 @@ def gaussian_log_density(x: Tensor, mean: Tensor, var) -> Tensor:
     return -0.5 * (torch.log(2 * math.pi * var) + (x - mean) ** 2 / var)
 
 
+def pixel_kl(lam2: Tensor, c2: Tensor, cov: Tensor, sq_err: Tensor) -> Tensor:
+    """Per-pixel KL( N(mutilde, lambda^2) || N(mu, sigma^2) ) of a step, sigma^2 = lambda^2 + c^2 cov (spec section 11):
+
+        0.5 (log(sigma^2 / lambda^2) + lambda^2 / sigma^2 - 1) + 0.5 (mutilde - mu)^2 / sigma^2
+      = 0.5 (log1p(k cov) + k (sq_err - cov) / (1 + k cov)),    k = c^2 / lambda^2,
+
+    with (mutilde - mu)^2 = c^2 (x_0 - x0hat)^2 = c^2 sq_err. The second form keeps the digits of a small c^2 cov and
+    makes few passes over large blocks. Arguments broadcast; needs lambda^2 > 0 (DDPM forward, s >= 1)."""
+    k = c2 / lam2
+    kc = k * cov
+    log_ratio = torch.log1p(kc)  # log(sigma^2 / lambda^2)
+    return 0.5 * (log_ratio + k * (sq_err - cov) / kc.add_(1))  # kc + 1 = sigma^2 / lambda^2, in place
+
+
 def _decoder_variance(schedule: NoiseSchedule, tau1: int, method: str, gamma, data_range, mode: str) -> float:
-    """sigma_0^2 of the decoder p(x_0 | x_{tau_1}) (spec section 8)."""
+    """sigma_0^2 of the decoder p(x_0 | x_{tau_1}) (spec section 8). For a head method with mode ``method`` this is
+    the paper value, the fallback of each pixel whose own variance clip(Chat(x_{tau_1})) is 0 (see nll_bpd)."""
     if schedule.N < 2:
         raise ValueError("the decoder variance btilde_{1|2} needs N >= 2")
     paper = float(schedule.btilde(1, 2))
-    if mode == "paper":
+    if mode == "paper" or head_kind(method) is not None:
         return paper
     own = float(pair_variance(schedule, 0, tau1, method, gamma, 0.0, data_range))
     if not own > 0:  # ddpm_beta_tilde is 0 there; so is an analytic U clipped to 0
@@ -93,6 +111,7 @@ def nll_bpd(
     return_terms: bool = False,
     cdf: str = "tanh",
     progress: bool = False,
+    avg_cov: bool = False,
 ):
     """Bits/dim per image for each method: ``{method: float64 Tensor[batch]}``.
 
@@ -102,6 +121,12 @@ def nll_bpd(
     call per timestep). With ``return_terms`` returns ``(bpd, terms)``, terms[method] a float64
     Tensor[batch, K+1] in bits/dim (column layout in the module docstring). A network output that is NaN or
     inf raises :class:`~analytic_dpm.validation.NonFiniteOutputError` naming the smallest such timestep.
+
+    Head methods (sn_ddpm, npr_ddpm; spec section 11) need a head model ``eps_model(x_t, t) -> (eps_hat, head)``
+    (ValueError otherwise) and use per-pixel variances: L_{s|t} = sum over pixels of 0.5 (log(sigma^2/lambda^2) +
+    lambda^2/sigma^2 - 1) + 0.5 (mutilde - mu)^2 / sigma^2. Decoder: ``decoder_variance="paper"`` is btilde_{1|2} for
+    every method (the authors' NLL); ``"method"`` is the head method's own per-pixel clip(Chat(x_{tau_1})) (each
+    pixel where that is 0 falls back to btilde_{1|2}). ``avg_cov`` averages Chat over the pixels of each image.
     """
     if isinstance(methods, str):
         methods = [methods]
@@ -114,7 +139,9 @@ def nll_bpd(
     if cdf not in CDFS:
         raise ValueError(f"unknown cdf {cdf!r}; choose one of {', '.join(CDFS)}")
     taus = validate_trajectory(trajectory, schedule.N)
+    check_head_model(eps_model, methods)
     ddpm_methods = [m for m in methods if check_method(m) == "ddpm"]
+    head_methods = [m for m in ddpm_methods if head_kind(m) is not None]
     gamma = check_gamma(gamma, schedule.N, required=any(needs_gamma(m) for m in ddpm_methods),
                         what="analytic_ddpm")
     B, K = x0.shape[0], len(taus)
@@ -137,11 +164,13 @@ def nll_bpd(
     sched = schedule.to(device)
     abar, bbar = sched.alphas_cumprod, sched.bbar
     s_idx, t_idx = trajectory_pairs(taus, device=device)
-    # per-pair, per-method sigma^2 (float64 [K]); pair 1 (s = 0) is the decoder, handled separately
-    sigma2 = {m: pair_variance(sched, s_idx, t_idx, m, gamma, 0.0, data_range) for m in ddpm_methods}
-    lam2 = sched.btilde(s_idx, t_idx)  # DDPM forward: lambda^2 = btilde
-    # mutilde - mu = coef (x_0 - x0hat), coef = sqrt(abar_s) beta_{t|s} / bbar_t (spec section 3)
-    coef = abar[s_idx].sqrt() * sched.beta_ts(s_idx, t_idx) / bbar[t_idx]
+    # per-pair, per-method sigma^2 (float64 [K]) of the isotropic methods; pair 1 (s = 0) is the decoder, handled
+    # separately. Head methods: sigma^2 = lam2 + coef^2 clip(Chat(x_t)) per pixel, built in the loop.
+    sigma2 = {m: pair_variance(sched, s_idx, t_idx, m, gamma, 0.0, data_range) for m in ddpm_methods
+              if m not in head_methods}
+    # DDPM forward: lambda^2 = btilde; mutilde - mu = coef (x_0 - x0hat), coef = c_{s|t} = sqrt(abar_s) beta_{t|s} /
+    # bbar_t (spec sections 3 and 4)
+    lam2, coef = step_coefficients(sched, s_idx, t_idx, "ddpm")
     dec_var = {m: _decoder_variance(sched, taus[0], m, gamma, data_range, decoder_variance) for m in ddpm_methods}
     clip_range = data_range if clip_x0 else None
 
@@ -166,25 +195,42 @@ def nll_bpd(
         a_t, b_t = abar[t].view(view), bbar[t].view(view)
         # x_t = sqrt(abar_t) x_0 + sqrt(bbar_t) eps; network and elementwise work in float32, sums in float64
         x_t = (a_t.sqrt() * x_0 + b_t.sqrt() * eps).float()
-        eps_hat = eps_model(x_t, t).float()
+        eps_hat, head = call_model(eps_model, x_t, t, head_for=head_methods[0] if head_methods else None)
         watch.observe(eps_hat, t)
+        if head_methods:
+            watch.observe(head, t)
         x0_hat = predict_x0(x_t, eps_hat, a_t.float(), b_t.float(), clip_range)
+        # head methods: clip(Chat(x_t)) in float64 from the float32 outputs (per pixel; per image with avg_cov)
+        chat = {m: clipped_posterior_cov(head_kind(m), eps_hat.double(), head.double(), a_t, b_t, data_range,
+                                         avg_cov).expand_as(eps_hat) for m in head_methods}
 
         is_dec = k == 0
         if is_dec.any():
             xd, md = x_0[is_dec].double(), x0_hat[is_dec].double()
             for m in ddpm_methods:
+                var = dec_var[m]
+                if m in head_methods and decoder_variance == "method":
+                    # the method's own variance at the pair (0, tau_1): lambda^2 = 0, c = 1 -> clip(Chat) per pixel
+                    own = chat[m][is_dec]
+                    var = torch.where(own > 0, own, dec_var[m])
                 if decoder == "discrete":
-                    ll = discretized_gaussian_log_prob(xd, md, dec_var[m], cdf)
+                    ll = discretized_gaussian_log_prob(xd, md, var, cdf)
                 else:
-                    ll = gaussian_log_density(xd, md, dec_var[m])
+                    ll = gaussian_log_density(xd, md, var)
                 terms[m][b[is_dec], 0] = -ll.flatten(1).sum(1)
         kl_sel = ~is_dec
         if kl_sel.any():
             kk = k[kl_sel]
             # ||mutilde - mu||^2 = coef^2 ||x_0 - x0hat||^2, shared by every DDPM-type method
-            sq_err = coef[kk] ** 2 * (x_0[kl_sel] - x0_hat[kl_sel]).flatten(1).pow(2).sum(1, dtype=torch.float64)
+            pixel_err = (x_0[kl_sel] - x0_hat[kl_sel]).flatten(1).pow(2)
+            sq_err = coef[kk] ** 2 * pixel_err.sum(1, dtype=torch.float64)
             for m in ddpm_methods:
+                if m in head_methods:
+                    # per pixel: sigma^2 = lambda^2 + c^2 clip(Chat(x_t)) (spec section 11), summed over pixels
+                    l2, c2 = lam2[kk].view(-1, 1), coef[kk].view(-1, 1) ** 2
+                    kl = pixel_kl(l2, c2, chat[m][kl_sel].flatten(1), pixel_err.double()).sum(1)
+                    terms[m][b[kl_sel], kk] = kl
+                    continue
                 s2, l2 = sigma2[m][kk], lam2[kk]
                 # KL(N(mutilde, l2 I) || N(mu, s2 I)) = d/2 (log(s2/l2) + l2/s2 - 1) + |mutilde - mu|^2 / (2 s2)
                 kl = 0.5 * dim * (torch.log(s2 / l2) + l2 / s2 - 1) + 0.5 * sq_err / s2

@@ -1,4 +1,4 @@
-"""The five reverse-variance methods of spec section 4 and the forward process each one belongs to."""
+"""The reverse-variance methods (spec sections 4 and 11) and the forward process each one belongs to."""
 
 from __future__ import annotations
 
@@ -11,15 +11,25 @@ METHODS: dict[str, str] = {
     "ddim": "ddim",  # sigma^2 = eta^2 btilde_{s|t}
     "analytic_ddim": "ddim",  # Theorem 1 on the DDIM forward process
 }
+#: the covariance-head methods (spec section 11): per-pixel sigma^2 = lambda^2 + c^2 clip(Chat(x_t)), Chat from
+#: a second network output (SN: h ~ E[eps^2 | x_t]; NPR: g ~ E[(eps - epshat)^2 | x_t]).
+HEAD_METHODS: dict[str, str] = {
+    "sn_ddpm": "ddpm",
+    "npr_ddpm": "ddpm",
+    "sn_ddim": "ddim",
+    "npr_ddim": "ddim",
+}
+ALL_METHODS: dict[str, str] = {**METHODS, **HEAD_METHODS}
+HEAD_KINDS = ("sn", "npr")
 FORWARDS = ("ddpm", "ddim")
 ANALYTIC_METHODS = ("analytic_ddpm", "analytic_ddim")
 
 
 def check_method(method: str) -> str:
-    """Return the forward process of ``method``; ValueError naming the choices if unknown."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[method]
+    """Return the forward process of ``method`` (any name of ALL_METHODS); ValueError naming the choices if unknown."""
+    if method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(ALL_METHODS)}")
+    return ALL_METHODS[method]
 
 
 def check_forward(forward: str) -> str:
@@ -31,3 +41,14 @@ def check_forward(forward: str) -> str:
 def needs_gamma(method: str) -> bool:
     check_method(method)
     return method in ANALYTIC_METHODS
+
+
+def head_kind(method: str) -> str | None:
+    """``"sn"`` or ``"npr"`` for a covariance-head method, None for the five isotropic methods."""
+    check_method(method)
+    return method.split("_", 1)[0] if method in HEAD_METHODS else None
+
+
+def needs_head(method: str) -> bool:
+    """Whether ``method`` needs a head model ``model(x_t, t) -> (eps_hat, head)`` (spec section 11)."""
+    return head_kind(method) is not None

@@ -6,7 +6,8 @@ Kinds:
                (K >= 30 at N = 1000). Policy ``duplicates="reject"`` (default) raises a ValueError that
                names the largest K without duplicates; ``duplicates="dedupe"`` drops the repeats and
                returns FEWER than K timesteps (the caller must record the actual length).
-    optimal    the dynamic programme of spec section 6 on the analytic DDPM cost (needs gamma).
+    optimal    the dynamic programme of spec section 6 on the analytic DDPM cost (needs gamma), or on a Monte-Carlo
+               per-pair cost table (``pair_costs``: the covariance-head methods, spec section 11; see pair_costs.py).
 K = 1 is the single step [N] for every kind.
 
 Optimal trajectory (spec section 6): J(s, t) = log(1 - beta_{t|s} gamma_t / bbar_t), the DDPM form of
@@ -218,6 +219,44 @@ def optimal_trajectory(
     return validate_trajectory(taus, N)
 
 
+def check_pair_costs(costs: Tensor, N: int | None = None) -> Tensor:
+    """A per-pair cost table J[s, t]: float (N+1) x (N+1), finite wherever 1 <= s < t <= N; returned as float64."""
+    costs = torch.as_tensor(costs)
+    if costs.ndim != 2 or costs.shape[0] != costs.shape[1] or costs.shape[0] < 2:
+        raise ValueError(f"pair costs must be a square (N+1) x (N+1) table, got shape {tuple(costs.shape)}")
+    if N is not None and costs.shape[0] != N + 1:
+        raise ValueError(f"pair costs have N = {costs.shape[0] - 1} but the schedule has N = {N}")
+    if not costs.is_floating_point():
+        raise ValueError(f"pair costs must be floating point, got {costs.dtype}")
+    costs = costs.to(torch.float64)
+    n = costs.shape[0]
+    idx = torch.arange(n, device=costs.device)
+    used = (idx[:, None] >= 1) & (idx[:, None] < idx[None, :])
+    if not torch.isfinite(costs[used]).all():
+        raise ValueError("pair costs must be finite for every 1 <= s < t <= N (NaN or inf found); re-estimate them "
+                         "(analytic_dpm.pair_costs.estimate_pair_costs)")
+    return costs
+
+
+def optimal_trajectory_from_costs(costs: Tensor, K: int) -> list[int]:
+    """OT on a given cost table: argmin over 1 = tau_1 < ... < tau_K = N of sum_{k=2..K} J[tau_{k-1}, tau_k] (the DP
+    of spec section 6, :func:`optimal_trajectory`'s own). ``costs``: float (N+1) x (N+1), e.g. the Monte-Carlo table
+    of :func:`~analytic_dpm.pair_costs.estimate_pair_costs` (only 1 <= s < t <= N is read). Runs on its device."""
+    costs = check_pair_costs(costs)
+    N = costs.shape[0] - 1
+    check_K(K, N)
+    if K <= 2:
+        return [N] if K == 1 else [1, N]
+    return _dp_on_prefix(torch.where(torch.isfinite(costs), costs, math.inf), N, K)
+
+
+def path_cost(costs: Tensor, trajectory: Sequence[int]) -> float:
+    """sum_{k=2..K} J[tau_{k-1}, tau_k] of a trajectory on a given cost table (the DP objective)."""
+    costs = check_pair_costs(costs)
+    taus = validate_trajectory(trajectory, costs.shape[0] - 1)
+    return float(sum(costs[a, b] for a, b in zip(taus, taus[1:])))
+
+
 def trajectory_cost(schedule: NoiseSchedule, trajectory: Sequence[int], gamma: Tensor) -> float:
     """sum_{k=2..K} J(tau_{k-1}, tau_k): the DP objective of a given trajectory (for tests and reports)."""
     taus = validate_trajectory(trajectory, schedule.N)
@@ -237,13 +276,16 @@ def make_trajectory(
     data_range: DataRange = (-1.0, 1.0),
     gamma_policy: str = "monotone",
     duplicates: str = "reject",
+    pair_costs: Tensor | None = None,
 ) -> list[int]:
     """A trajectory of K timesteps in 1..N.
 
     ``kind`` is ``even``, ``quadratic`` or ``optimal``, or an explicit list of timesteps (validated;
     K, if given, must equal its length). ``optimal`` needs ``gamma`` and the ``schedule`` (its N must
     equal N) and is only defined for the DDPM forward process; ``data_range`` and ``gamma_policy`` shape its
-    cost (module docstring).
+    cost (module docstring). With ``pair_costs`` (a float (N+1) x (N+1) table J[s, t], e.g. from
+    :func:`~analytic_dpm.pair_costs.estimate_pair_costs` for the head methods) ``optimal`` runs the same DP on that
+    table instead, and needs neither gamma nor the schedule.
     """
     if not isinstance(N, int) or N < 1:
         raise ValueError(f"N must be a positive integer, got {N!r}")
@@ -268,6 +310,10 @@ def make_trajectory(
             "the optimal trajectory is not defined for the DDIM forward process (lambda = 0 makes "
             "J = log(sigma^2 / lambda^2) infinite); use even or quadratic for ddim / analytic_ddim"
         )
+    if pair_costs is not None:
+        if schedule is not None and schedule.N != N:
+            raise ValueError(f"schedule has N = {schedule.N} but N = {N} was requested")
+        return optimal_trajectory_from_costs(check_pair_costs(pair_costs, N), K)
     if schedule is None:
         raise ValueError("the optimal trajectory needs the noise schedule: pass schedule=NoiseSchedule...")
     if schedule.N != N:

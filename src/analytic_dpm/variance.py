@@ -3,6 +3,8 @@
 Every function works on index tensors ``s < t`` of any shape (the DP evaluates the whole
 (N+1) x (N+1) grid at once); ``reverse_variance`` and ``variance_bounds`` are the public
 entry points on a trajectory's pairs (tau_{k-1}, tau_k), k = 1..K, with tau_0 = 0.
+The covariance-head methods (spec section 11) have a per-pixel variance that depends on x_t: their per-pair
+pieces are lambda^2 and c (:func:`step_coefficients`); the state-dependent part is in ``moments.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .methods import check_forward, check_method, needs_gamma
+from .methods import check_forward, check_method, head_kind, needs_gamma
 from .schedule import NoiseSchedule
 from .validation import check_gamma, validate_trajectory
 
@@ -34,7 +36,33 @@ def forward_variance(schedule: NoiseSchedule, s, t, forward: str, eta: float = 0
     return btilde if forward == "ddpm" else (eta**2) * btilde
 
 
-def _half_range_sq(data_range: DataRange) -> float:
+def step_coefficients(schedule: NoiseSchedule, s, t, forward: str, eta: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(lambda^2_{s|t}, c_{s|t}) of the forward process for index tensors s < t, float64 (spec sections 2, 4, 11).
+
+    The variance of every Theorem-1-type method is lambda^2 + c^2 * (an estimate of Cov[x_0 | x_t]). DDPM forward:
+    c = sqrt(abar_s) beta_{t|s} / bbar_t (the stable closed form of c, also the coefficient of x0hat in the mean);
+    DDIM: c = sqrt(abar_s) - sqrt((bbar_s - lambda^2) abar_t / bbar_t).
+    """
+    lam2 = forward_variance(schedule, s, t, forward, eta)
+    if forward == "ddpm":
+        abar, bbar = schedule.alphas_cumprod, schedule.bbar
+        s = torch.as_tensor(s, dtype=torch.long, device=bbar.device)
+        t = torch.as_tensor(t, dtype=torch.long, device=bbar.device)
+        return lam2, abar[s].sqrt() * schedule.beta_ts(s, t) / bbar[t]
+    return lam2, mean_coefficient_c(schedule, s, t, lam2)
+
+
+def reject_head_method(method: str, where: str) -> None:
+    """A ValueError for a covariance-head method where only a per-pair (isotropic) variance makes sense."""
+    if head_kind(method) is not None:
+        raise ValueError(
+            f"method {method!r} has a per-pixel variance that depends on x_t (spec section 11), so {where} has no "
+            "value for it; use analytic_dpm.reverse_moments (or sample / nll_bpd) with a head model"
+        )
+
+
+def half_range_sq(data_range: DataRange) -> float:
+    """((b - a) / 2)^2, the Theorem 2 upper clip of Cov[x_0 | x_t] for data in [a, b]; inf for unbounded data."""
     if data_range is None:
         return math.inf
     a, b = data_range
@@ -52,7 +80,7 @@ def posterior_cov_estimate(schedule: NoiseSchedule, t, gamma: Tensor, data_range
     t = torch.as_tensor(t, dtype=torch.long, device=bbar.device)
     gamma = gamma.to(bbar.device)
     U = bbar[t] / abar[t] * (1 - gamma[t])
-    return U.clamp(min=0.0, max=_half_range_sq(data_range))
+    return U.clamp(min=0.0, max=half_range_sq(data_range))
 
 
 def mean_coefficient_c(schedule: NoiseSchedule, s, t, lam2: Tensor) -> Tensor:
@@ -72,8 +100,11 @@ def pair_variance(
     eta: float = 0.0,
     data_range: DataRange = (-1.0, 1.0),
 ) -> Tensor:
-    """sigma^2_{s|t} for index tensors s < t (no sampling-only clip). Gamma must already be validated."""
+    """sigma^2_{s|t} for index tensors s < t (no sampling-only clip). Gamma must already be validated.
+
+    Isotropic methods only (a head method raises a ValueError: its variance depends on x_t)."""
     forward = check_method(method)
+    reject_head_method(method, "pair_variance")
     if method == "ddpm_beta":
         return schedule.beta_ts(s, t)
     lam2 = forward_variance(schedule, s, t, forward, eta)
@@ -101,9 +132,10 @@ def reverse_variance(
     """sigma^2 for each pair (tau_{k-1}, tau_k), k = 1..K, as a float64 Tensor[K].
 
     ``data_range=None`` means unbounded data (no upper clip of U_t). ``clip_sigma_y`` applies the
-    sampling-only clip of the pair (tau_1, tau_2) (never use it for likelihoods).
+    sampling-only clip of the pair (tau_1, tau_2) (never use it for likelihoods). Isotropic methods only.
     """
     check_method(method)
+    reject_head_method(method, "reverse_variance")
     taus = validate_trajectory(trajectory, schedule.N)
     gamma = check_gamma(gamma, schedule.N, required=needs_gamma(method), what=f"method {method!r}")
     s, t = trajectory_pairs(taus, device=schedule.device)
@@ -134,7 +166,7 @@ def variance_bounds(
     bbar = schedule.bbar
     lam2 = forward_variance(schedule, s, t, forward, eta)
     upper = lam2 + ((bbar[t] / schedule.alpha_ts(s, t)).sqrt() - (bbar[s] - lam2).clamp(min=0).sqrt()) ** 2
-    half_sq = _half_range_sq(data_range)
+    half_sq = half_range_sq(data_range)
     if math.isfinite(half_sq):
         c = mean_coefficient_c(schedule, s, t, lam2)
         upper = torch.minimum(upper, lam2 + c**2 * half_sq)
