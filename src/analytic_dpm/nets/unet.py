@@ -374,6 +374,8 @@ class UNet(nn.Module):
         self.channel_mult = channel_mult
         self.num_res_blocks = num_res_blocks
         self.attention_resolutions = attn_res
+        self.dropout = float(dropout)
+        self.use_scale_shift_norm = bool(use_scale_shift_norm)
         self.emb_act = bool(emb_act)
         self.time_embedding = time_embedding
         self.downsample_padding = downsample_padding
@@ -451,8 +453,11 @@ class UNet(nn.Module):
             zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)),
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Predict eps for images ``x`` [B, C, H, W] at timesteps ``t`` [B] (int or float, used as given)."""
+    def features(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last decoder feature map (the input of the output GroupNorm, ``base_channels * channel_mult[0]``
+        channels at full resolution) and the time embedding [B, 4 * base_channels], for ``x`` [B, C, H, W] at
+        timesteps ``t`` [B]. A covariance head (:mod:`analytic_dpm.nets.heads`) reads both, so the backbone runs
+        once for eps and the head."""
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -466,6 +471,11 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        return h, emb
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predict eps for images ``x`` [B, C, H, W] at timesteps ``t`` [B] (int or float, used as given)."""
+        h, _ = self.features(x, t)
         return self.out(h).to(x.dtype)
 
 

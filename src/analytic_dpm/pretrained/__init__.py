@@ -13,6 +13,11 @@ Kinds (each a module of this package with ``load(source, *, device, **options)``
 - ``ddpm``: the DDPM/DDIM ``Model`` format (pesser/pytorch_diffusion conversions, ermongroup/ddim checkpoints).
 
 The kind is chosen from this fixed table, never from anything read from a file.
+
+Covariance-head models (SN-DPM / NPR-DPM, baofff/Extended-Analytic-DPM's released ones): the ``improved_diffusion``
+and ``ddpm`` kinds take their flags ``method`` (``pred_eps_eps2_pretrained`` | ``pred_eps_epsc_pretrained``) and
+``mode`` (``simple`` | ``complex``); the result then has ``head_model(x_t, t) -> (eps_hat, head)`` (see
+:mod:`.heads`), and ``eps_model`` is the backbone alone.
 """
 
 from __future__ import annotations

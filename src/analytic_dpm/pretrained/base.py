@@ -78,6 +78,10 @@ class PretrainedModel:
         options: the completed options actually used (the user's flags plus the format's defaults).
         identity: JSON-able facts that identify the network for result rows (kind, weights sha256, options).
         timestep_convention: one line saying what the network is fed (e.g. ``"t - 1"``, ``"(t - 1) * 1000 / N"``).
+        head_model: for a covariance-head model (SN / NPR-DPM, loaded with ``method=...``): ``head_model(x_t, t)
+            -> (eps_hat, head)`` in our convention, one network forward, with ``head_kind`` (``"sn"``: head = h ~
+            E[eps^2|x_t]; ``"npr"``: head = g ~ E[(eps - eps_hat)^2|x_t]) and ``eps_model`` (the same as
+            ``eps_model`` above); None for a plain noise predictor.
     """
 
     eps_model: nn.Module
@@ -89,6 +93,7 @@ class PretrainedModel:
     options: dict[str, Any] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)
     timestep_convention: str = ""
+    head_model: nn.Module | None = None
 
     @property
     def path(self) -> Path:

@@ -26,6 +26,14 @@ Options (named as those projects name them):
 This tool's own option: ``timestep_shift`` (default True): the network is fed ``t - 1`` for our t in 1..N (these
 projects index timesteps 0..N-1); False feeds ``t``. An option given as None counts as not given.
 
+Covariance-head models: ``method``, ``mode``, the flags of baofff/Extended-Analytic-DPM's released SN-DPM /
+NPR-DPM models on this network (CelebA 64, LSUN bedroom: ``Model4Pretrained`` state dicts, this ``Model`` plus
+``before_out`` (complex), ``norm_out2``, ``conv_out2``; see :mod:`analytic_dpm.pretrained.heads`).
+``method=pred_eps_eps2_pretrained`` (SN) or ``pred_eps_epsc_pretrained`` (NPR), ``mode=simple`` (default) or
+``complex``. The result then has ``head_model``; its ``eps_model`` is the backbone alone. (Their DDPM networks
+were trained with N = 1000, where their timestep ``(t - 1) * 1000 / N`` is this adapter's ``t - 1``.) Without
+``method`` nothing changes (and these two options are not recorded).
+
 Files: a plain state dict (pytorch_diffusion's ``.ckpt`` files), or ermongroup/ddim's list ``[model state dict,
 optimizer state, epoch, step, EMA weights]``. A ``module.`` prefix (``nn.DataParallel``) is dropped.
 """
@@ -45,9 +53,10 @@ from torch import Tensor
 from ..schedule import NoiseSchedule
 from .base import EpsAdapter, PretrainedError, PretrainedModel, file_sha256
 from .flags import as_bool, as_float, as_int, as_int_list
-from .netbuild import materialize, meta_unet
+from .heads import HeadAdapter, head_hints, parse_head_options
+from .netbuild import materialize, meta_head_unet, meta_unet
 from .torchfile import is_state_dict, read_weights
-from .unet_mapping import convert, ddpm_entries, describe_mismatch, strip_prefix
+from .unet_mapping import DDPM_HEAD_PREFIXES, convert, ddpm_entries, ddpm_head_entries, describe_mismatch, strip_prefix
 
 __all__ = ["BETA_SCHEDULES", "MODEL_DEFAULTS", "get_beta_schedule", "load", "unet_kwargs"]
 
@@ -60,7 +69,7 @@ MODEL_DEFAULTS: dict[str, Any] = dict(
 DIFFUSION_KEYS = ("beta_schedule", "beta_start", "beta_end", "num_diffusion_timesteps")
 #: further keys of the DDIM config's model section (recorded; ``type`` and ``ema`` are used)
 DDIM_MODEL_EXTRAS: dict[str, Any] = dict(type="simple", var_type=None, ema_rate=None, ema=True)
-OWN_OPTIONS: dict[str, Any] = dict(config=None, timestep_shift=True)
+OWN_OPTIONS: dict[str, Any] = dict(config=None, timestep_shift=True, method=None, mode=None)
 BETA_SCHEDULES = ("quad", "linear", "const", "jsd", "sigmoid")
 MODEL_TYPES = ("simple", "bayesian")
 
@@ -154,6 +163,9 @@ def _complete(options: Mapping[str, Any]) -> dict[str, Any]:
     out["ema"] = as_bool("ema", merged["ema"])
     out["config"] = merged["config"]
     out["timestep_shift"] = as_bool("timestep_shift", merged["timestep_shift"])
+    head = parse_head_options(merged["method"], merged["mode"])
+    if head is not None:  # recorded only for a head model: a plain model's options (and identity) stay as they were
+        out["method"], out["mode"] = head["method"], head["mode"]
     if out["type"] not in MODEL_TYPES:
         raise PretrainedError(f"unknown DDIM model type {out['type']!r}; known: {MODEL_TYPES}")
     if out["beta_schedule"] not in BETA_SCHEDULES:
@@ -254,13 +266,18 @@ def _hints(opts: Mapping[str, Any], inferred: Mapping[str, Any]) -> list[str]:
 
 
 def convert_state_dict(sd: Mapping[str, Tensor], opts: Mapping[str, Any], what: str = "this file"):
-    """(our UNet on the meta device, our state dict) for DDPM ``Model`` weights ``sd`` and completed ``opts``."""
-    unet = meta_unet("ddpm", **unet_kwargs(opts))
+    """(our network on the meta device, our state dict) for DDPM ``Model`` weights ``sd`` and completed ``opts``: a
+    UNet, or with ``opts["method"]`` a HeadUNet (an Extended-Analytic-DPM ``Model4Pretrained``)."""
+    head = parse_head_options(opts.get("method"), opts.get("mode"))
+    net = unet = meta_unet("ddpm", **unet_kwargs(opts))
+    if head is not None:  # their conv_out2 has PyTorch's default init (irrelevant: every weight comes from the file)
+        net = meta_head_unet(unet, head, eps_channels=opts["in_channels"], zero_init=False)
     ignore = ("logvar",) if opts["type"] == "bayesian" else ()  # the bayesian Model's learned variance: unused
-    conversion = convert(ddpm_entries(unet), sd, ignore=ignore)
+    conversion = convert(ddpm_head_entries(net) if head else ddpm_entries(unet), sd, ignore=ignore)
     if not conversion.ok:
-        raise PretrainedError(describe_mismatch(conversion, what, _hints(opts, _infer(sd, opts["resolution"]))))
-    return unet, conversion.state_dict
+        hints = head_hints(sd, head, DDPM_HEAD_PREFIXES, "before_out.")
+        raise PretrainedError(describe_mismatch(conversion, what, hints + _hints(opts, _infer(sd, opts["resolution"]))))
+    return net, conversion.state_dict
 
 
 def load(source, *, device="cpu", **options) -> PretrainedModel:
@@ -268,12 +285,17 @@ def load(source, *, device="cpu", **options) -> PretrainedModel:
     opts = _complete(options)
     path, obj = read_weights(source, "ddpm")
     layout, sd = _unpack(obj, opts["ema"])
-    unet, state_dict = convert_state_dict(sd, opts, what=repr(str(path)))
-    net = materialize(unet, state_dict, device)
+    net, state_dict = convert_state_dict(sd, opts, what=repr(str(path)))
+    net = materialize(net, state_dict, device)
 
     shift = opts["timestep_shift"]
     convention = "t - 1" if shift else "t"
-    eps_model = EpsAdapter(net, t_offset=-1 if shift else 0, t_scale=1.0, eps_channels=opts["in_channels"])
+    head_model = None
+    if "method" in opts:  # (eps_hat, head) in one forward; eps_model: the backbone alone, same timestep rule
+        head_model = HeadAdapter(net, t_offset=-1 if shift else 0, t_scale=1.0).eval()
+        eps_model = head_model.eps_model
+    else:
+        eps_model = EpsAdapter(net, t_offset=-1 if shift else 0, t_scale=1.0, eps_channels=opts["in_channels"])
     eps_model.eval()
     betas = get_beta_schedule(
         opts["beta_schedule"], beta_start=opts["beta_start"], beta_end=opts["beta_end"],
@@ -296,4 +318,5 @@ def load(source, *, device="cpu", **options) -> PretrainedModel:
     return PretrainedModel(
         eps_model=eps_model, schedule=schedule, image_size=opts["resolution"], channels=opts["in_channels"],
         kind="ddpm", source=str(path), options=dict(opts), identity=identity, timestep_convention=convention,
+        head_model=head_model,
     )  # fmt: skip

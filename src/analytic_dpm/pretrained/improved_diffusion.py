@@ -30,6 +30,13 @@ This tool's own options (not improved-diffusion flags):
 - ``use_ema`` (bool, default True): in the official layout, take ``ema_models_states`` (True) or
   ``models_states`` (False). Plain state dicts hold one set of weights (improved-diffusion's ``ema_*.pt`` files
   are the EMA ones).
+- ``method``, ``mode``: the flags of baofff/Extended-Analytic-DPM's released SN-DPM / NPR-DPM models
+  (``UNetModel4Pretrained`` state dicts: this network plus a covariance head ``out2.*``; see
+  :mod:`analytic_dpm.pretrained.heads`). ``method=pred_eps_eps2_pretrained`` (SN) or ``pred_eps_epsc_pretrained``
+  (NPR), ``mode=simple`` (default) or ``complex``. The result then has ``head_model``; its ``eps_model`` is the
+  backbone alone. Their CIFAR-10 models take ``timestep_shift=False`` (as the Analytic-DPM CIFAR-10 networks they
+  extend), their ImageNet 64 models the default (``t - 1``, with ``learn_sigma=True``). Without ``method``
+  nothing changes (and these two options are not recorded).
 
 Timestep fed to the network: ``(t - 1) * 1000 / N`` with ``rescale_timesteps`` (float), else ``t - 1`` (integer);
 without the shift, ``t * 1000 / N`` or ``t``. Betas: ``get_named_beta_schedule`` rebuilt in float64 ("linear"
@@ -50,9 +57,17 @@ from torch import Tensor
 from ..schedule import NoiseSchedule
 from .base import EpsAdapter, PretrainedError, PretrainedModel, file_sha256
 from .flags import as_bool, complete, resolutions_string
-from .netbuild import materialize, meta_unet
+from .heads import HeadAdapter, head_hints, parse_head_options
+from .netbuild import materialize, meta_head_unet, meta_unet
 from .torchfile import is_state_dict, read_weights
-from .unet_mapping import convert, describe_mismatch, iddpm_entries, strip_prefix
+from .unet_mapping import (
+    IDDPM_HEAD_PREFIXES,
+    convert,
+    describe_mismatch,
+    iddpm_entries,
+    iddpm_head_entries,
+    strip_prefix,
+)
 
 __all__ = ["CHANNEL_MULT", "DEFAULTS", "get_named_beta_schedule", "load", "unet_kwargs"]
 
@@ -79,7 +94,7 @@ DEFAULTS: dict[str, Any] = dict(
     use_scale_shift_norm=True,
 )
 #: this tool's options (not improved-diffusion flags); see the module docstring
-OWN_OPTIONS: dict[str, Any] = dict(timestep_shift=None, use_ema=True)
+OWN_OPTIONS: dict[str, Any] = dict(timestep_shift=None, use_ema=True, method=None, mode=None)
 #: improved_diffusion.script_util.create_model: channel multipliers by image size
 CHANNEL_MULT: dict[int, tuple[int, ...]] = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
 NOISE_SCHEDULES = ("linear", "cosine")
@@ -148,6 +163,9 @@ def _complete_flags(options: Mapping[str, Any]) -> dict[str, Any]:
     if flags["timestep_shift"] is not None:
         flags["timestep_shift"] = as_bool("timestep_shift", flags["timestep_shift"])
     flags["use_ema"] = as_bool("use_ema", flags["use_ema"])
+    head = parse_head_options(flags.pop("method"), flags.pop("mode"))
+    if head is not None:  # recorded only for a head model: a plain model's options (and identity) stay as they were
+        flags["method"], flags["mode"] = head["method"], head["mode"]
     if flags["predict_xstart"]:
         raise PretrainedError(
             "predict_xstart=True: this network predicts x_0, not the noise; Analytic-DPM needs a noise predictor "
@@ -254,17 +272,25 @@ def _hints(flags: Mapping[str, Any], inferred: Mapping[str, Any]) -> list[str]:
 
 
 def convert_state_dict(sd: Mapping[str, Tensor], flags: Mapping[str, Any], what: str = "this file"):
-    """(our UNet on the meta device, our state dict) for improved-diffusion weights ``sd`` and completed ``flags``."""
+    """(our network on the meta device, our state dict) for improved-diffusion weights ``sd`` and completed
+    ``flags``: a UNet, or with ``flags["method"]`` a HeadUNet (an Extended-Analytic-DPM ``UNetModel4Pretrained``)."""
     if "label_emb.weight" in sd:
         raise PretrainedError(
             "this is a class-conditional network (it has label_emb.weight); class-conditional networks need a label "
             "per sample and are not supported; use an unconditional checkpoint"
         )
-    unet = meta_unet("improved_diffusion", **unet_kwargs(flags))
-    conversion = convert(iddpm_entries(unet), sd)
+    head = parse_head_options(flags.get("method"), flags.get("mode"))
+    net = unet = meta_unet("improved_diffusion", **unet_kwargs(flags))
+    if head is not None:  # their out2 conv is zero-initialised (irrelevant here: every weight comes from the file)
+        net = meta_head_unet(unet, head, eps_channels=_IN_CHANNELS, zero_init=True)
+    conversion = convert(iddpm_head_entries(net) if head else iddpm_entries(unet), sd)
     if not conversion.ok:
-        raise PretrainedError(describe_mismatch(conversion, what, _hints(flags, _infer_flags(sd, flags["image_size"]))))
-    return unet, conversion.state_dict
+        hints = head_hints(sd, head, IDDPM_HEAD_PREFIXES, "out2.0.in_layers.")
+        if head is None:  # the backbone's own keys only: the head's are not part of improved-diffusion's flags
+            sd = {k: v for k, v in sd.items() if not k.startswith(IDDPM_HEAD_PREFIXES)}
+        hints += _hints(flags, _infer_flags(sd, flags["image_size"]))
+        raise PretrainedError(describe_mismatch(conversion, what, hints))
+    return net, conversion.state_dict
 
 
 def load(source, *, device="cpu", **options) -> PretrainedModel:
@@ -277,8 +303,8 @@ def load(source, *, device="cpu", **options) -> PretrainedModel:
         shift = _default_shift(layout, entry)
     flags["timestep_shift"] = shift
 
-    unet, state_dict = convert_state_dict(sd, flags, what=repr(str(path)))
-    net = materialize(unet, state_dict, device)
+    net, state_dict = convert_state_dict(sd, flags, what=repr(str(path)))
+    net = materialize(net, state_dict, device)
 
     N = flags["diffusion_steps"]
     base = "t - 1" if shift else "t"
@@ -286,7 +312,12 @@ def load(source, *, device="cpu", **options) -> PretrainedModel:
         t_scale, convention = 1000.0 / N, f"({base}) * 1000 / {N}" if shift else f"t * 1000 / {N}"
     else:
         t_scale, convention = 1.0, base
-    eps_model = EpsAdapter(net, t_offset=-1 if shift else 0, t_scale=t_scale, eps_channels=_IN_CHANNELS)
+    head_model = None
+    if "method" in flags:  # (eps_hat, head) in one forward; eps_model: the backbone alone, same timestep rule
+        head_model = HeadAdapter(net, t_offset=-1 if shift else 0, t_scale=t_scale).eval()
+        eps_model = head_model.eps_model
+    else:
+        eps_model = EpsAdapter(net, t_offset=-1 if shift else 0, t_scale=t_scale, eps_channels=_IN_CHANNELS)
     eps_model.eval()
     schedule = NoiseSchedule.from_betas(
         torch.from_numpy(get_named_beta_schedule(flags["noise_schedule"], N)), name=flags["noise_schedule"]
@@ -301,4 +332,5 @@ def load(source, *, device="cpu", **options) -> PretrainedModel:
     return PretrainedModel(
         eps_model=eps_model, schedule=schedule, image_size=flags["image_size"], channels=_IN_CHANNELS, kind=kind,
         source=str(path), options=dict(flags), identity=identity, timestep_convention=convention,
+        head_model=head_model,
     )  # fmt: skip

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..nets.heads import HeadUNet
 from ..nets.unet import UNet
 from .base import PretrainedError
 
-__all__ = ["materialize", "meta_unet"]
+__all__ = ["materialize", "meta_head_unet", "meta_unet"]
 
 
 def meta_unet(what: str, **kwargs) -> UNet:
@@ -22,8 +23,15 @@ def meta_unet(what: str, **kwargs) -> UNet:
         raise PretrainedError(f"the {what} options describe no valid network: {exc}") from exc
 
 
-def materialize(unet: UNet, state_dict: Mapping[str, Tensor], device) -> UNet:
-    """Give the meta-device ``unet`` the tensors of ``state_dict`` (complete, float32), move it, set eval mode."""
+def meta_head_unet(unet: UNet, head: Mapping[str, str], *, eps_channels: int, zero_init: bool) -> HeadUNet:
+    """``HeadUNet`` (on the meta device) of the meta-device backbone ``unet`` for parsed head flags ``head``."""
+    with torch.device("meta"):
+        return HeadUNet(unet, head["head_kind"], head["mode"], eps_channels=eps_channels, zero_init=zero_init)
+
+
+def materialize(unet: nn.Module, state_dict: Mapping[str, Tensor], device) -> nn.Module:
+    """Give the meta-device ``unet`` (a UNet or a HeadUNet) the tensors of ``state_dict`` (complete, float32),
+    move it, set eval mode."""
     unet.load_state_dict(dict(state_dict), strict=True, assign=True)
     leftover = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.device.type == "meta"]
     if leftover:  # pragma: no cover - the UNet has no buffers and the state dict is complete

@@ -13,6 +13,10 @@ three storage details differ:
   ``down.{level}.downsample.conv``, ``mid.block_1/attn_1/block_2``, ``up.{level}.block/attn.{i}``,
   ``up.{level}.upsample.conv``, ``norm_out``, ``conv_out``; ours flattens it into ``input_blocks``,
   ``middle_block``, ``output_blocks`` exactly as iDDPM does.
+* Covariance heads (baofff/Extended-Analytic-DPM, :class:`analytic_dpm.nets.HeadUNet`): ours ``unet.*`` (the
+  backbone, mapped as above) and ``head.{i}``; iDDPM ``UNetModel4Pretrained`` keeps the backbone's keys and adds
+  ``out2.{i}`` with the same indices (simple: 0 GroupNorm, 2 conv; complex: 0 ResBlock, 1 GroupNorm, 3 conv);
+  DDPM ``Model4Pretrained`` adds ``before_out`` (complex: a ResnetBlock), ``norm_out2``, ``conv_out2``.
 
 The correspondence is derived by walking *our* model (it may live on the meta device), so it covers every
 configuration the UNet can express; :func:`convert` then reports every key that is missing, unexpected or of the
@@ -22,14 +26,31 @@ wrong shape in the other project's names.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
+from ..nets.heads import HeadUNet
 from ..nets.unet import AttentionBlock, Downsample, ResBlock, UNet, Upsample
 
-__all__ = ["Conversion", "Entry", "convert", "ddpm_entries", "describe_mismatch", "iddpm_entries", "strip_prefix"]
+__all__ = [
+    "DDPM_HEAD_PREFIXES",
+    "IDDPM_HEAD_PREFIXES",
+    "Conversion",
+    "Entry",
+    "convert",
+    "ddpm_entries",
+    "ddpm_head_entries",
+    "describe_mismatch",
+    "iddpm_entries",
+    "iddpm_head_entries",
+    "strip_prefix",
+]
+
+#: key prefixes of the covariance head in the authors' two formats (the rest is the backbone, unchanged)
+IDDPM_HEAD_PREFIXES = ("out2.",)
+DDPM_HEAD_PREFIXES = ("before_out.", "norm_out2.", "conv_out2.")
 
 _IDDPM_RESBLOCK = {
     "in_norm": "in_layers.0", "in_conv": "in_layers.2", "emb_proj": "emb_layers.1",
@@ -82,8 +103,9 @@ def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = "module.") -> d
 # ---------------------------------------------------------------------------------------------------------
 # Building the correspondence from our model
 # ---------------------------------------------------------------------------------------------------------
-def _entries(unet: UNet, units: dict[str, str], resblock_names: dict[str, str], fmt: str) -> list[Entry]:
-    """Walk our state dict; ``units`` maps our module paths to theirs (a path not listed keeps its name)."""
+def _entries(unet: nn.Module, units: dict[str, str], resblock_names: dict[str, str], fmt: str) -> list[Entry]:
+    """Walk our state dict (of a UNet, or of a covariance head); ``units`` maps our module paths to theirs (a path
+    not listed keeps its name)."""
     modules = dict(unet.named_modules())
     entries: list[Entry] = []
     for key, value in unet.state_dict().items():
@@ -151,6 +173,27 @@ def ddpm_entries(unet: UNet) -> list[Entry]:
                 units[f"output_blocks.{j}.{k}"] = _ddpm_unit("up", level, b, module)
             j += 1
     return _entries(unet, units, _DDPM_RESBLOCK, "ddpm")
+
+
+def _prefixed(entries: list[Entry], prefix: str) -> list[Entry]:
+    return [replace(e, ours=prefix + e.ours) for e in entries]
+
+
+def iddpm_head_entries(model: HeadUNet) -> list[Entry]:
+    """Our HeadUNet <- an Extended-Analytic-DPM ``UNetModel4Pretrained`` state dict (iDDPM backbone + ``out2``)."""
+    units = {str(i): f"out2.{i}" for i in range(len(model.head))}  # same indices: [ResBlock,] GN, SiLU, conv
+    return [*_prefixed(iddpm_entries(model.unet), "unet."),
+            *_prefixed(_entries(model.head, units, _IDDPM_RESBLOCK, "iddpm"), "head.")]
+
+
+def ddpm_head_entries(model: HeadUNet) -> list[Entry]:
+    """Our HeadUNet <- an Extended-Analytic-DPM ``Model4Pretrained`` state dict (DDPM ``Model`` + ``before_out``
+    (complex), ``norm_out2``, ``conv_out2``)."""
+    names = ["before_out"] if model.head.mode == "complex" else []
+    names += ["norm_out2", "silu", "conv_out2"]  # the SiLU has no parameters
+    units = {str(i): name for i, name in enumerate(names)}
+    return [*_prefixed(ddpm_entries(model.unet), "unet."),
+            *_prefixed(_entries(model.head, units, _DDPM_RESBLOCK, "ddpm"), "head.")]
 
 
 def _ddpm_unit(side: str, level: int, b: int, module: nn.Module) -> str:
