@@ -183,14 +183,16 @@ def test_manifests_cover_the_released_models():
 # --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["improved_diffusion", "ddpm"])
 def test_config_group_offers_method_and_mode(kind):
-    from analytic_dpm.evaluation.setup import load_pretrained
+    from analytic_dpm.evaluation.request import PretrainedSource
+    from analytic_dpm.evaluation.sources import load_pretrained
 
     cfg = OmegaConf.load(ROOT / "conf" / "pretrained" / f"{kind}.yaml")
     assert cfg.options.method is None and cfg.options.mode is None
     name = {"improved_diffusion": "iddpm_complex_learn_sigma", "ddpm": "ddpm_complex"}[kind]
     net = REF["networks"][name]
     options = {**OmegaConf.to_container(cfg.options), **net["options"], "method": NPR, "mode": "complex"}
-    m = load_pretrained({"kind": kind, "source": str(FIX / net["file"]), "options": options}, "cpu")
+    spec = {"kind": kind, "source": str(FIX / net["file"]), "options": options}
+    m = load_pretrained(PretrainedSource.from_spec(spec), "cpu")
     assert m.head_model.head_kind == "npr" and m.head_model.mode == "complex"
 
 

@@ -41,6 +41,18 @@ class PretrainedSource:
     source: Any
     options: Mapping[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> PretrainedSource:
+        """From the ``pretrained`` config group (``kind``, ``source``, ``options.*``; null options are left out, so
+        the format's own defaults apply)."""
+        if not isinstance(spec, Mapping):
+            raise UserError(f"pretrained must be a config group (diffusers, improved_diffusion, ddpm), got {spec!r}")
+        unknown = sorted(set(spec) - {"kind", "source", "options"})
+        if unknown:
+            raise UserError(f"pretrained: unknown key(s) {unknown}; give pretrained.kind, .source and .options.*")
+        options = {k: v for k, v in (spec.get("options") or {}).items() if v is not None}
+        return cls(kind=str(spec.get("kind")), source=spec.get("source"), options=options)
+
 
 @dataclass(frozen=True)
 class OracleSource:
@@ -104,14 +116,7 @@ def _source(cfg) -> Source:
     if len(given) > 1:
         raise UserError(f"give one source of the noise predictor, not several: {' and '.join(given)}")
     if cfg.get("pretrained"):
-        spec = plain(cfg.get("pretrained"))
-        if not isinstance(spec, Mapping):
-            raise UserError(f"pretrained must be a config group (diffusers, improved_diffusion, ddpm), got {spec!r}")
-        unknown = sorted(set(spec) - {"kind", "source", "options"})
-        if unknown:
-            raise UserError(f"pretrained: unknown key(s) {unknown}; give pretrained.kind, .source and .options.*")
-        options = {k: v for k, v in (spec.get("options") or {}).items() if v is not None}
-        return PretrainedSource(kind=str(spec.get("kind")), source=spec.get("source"), options=options)
+        return PretrainedSource.from_spec(plain(cfg.get("pretrained")))
     if model_cfg.get("oracle"):
         diffusion = plain(cfg.get("diffusion") or {})
         try:
