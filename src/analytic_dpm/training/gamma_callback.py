@@ -163,6 +163,10 @@ class GammaCalibration(Callback):
                 scalars = {"train/epoch_seconds": seconds, "train/images_per_second": rate}
         due = self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0
         due = due or (self.at_fit_end and _is_last_epoch(trainer))
+        if due and getattr(trainer, "received_sigterm", False):
+            log.warning("SIGTERM received: the Gamma calibration of this epoch end is skipped (the run stops now and "
+                        "resumes from its checkpoint)")
+            due = False
         meta = getattr(pl_module, "gamma_meta", {}) or {}
         if due and meta.get("step") == trainer.global_step and meta.get("M") == self.num_samples:
             due = False  # already calibrated at this step (e.g. a resumed run repeating an epoch end)

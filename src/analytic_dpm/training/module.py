@@ -329,33 +329,43 @@ class DiffusionModule(LightningModule):
         loss = self.diffusion_loss(x0)
         self.batches_trained += 1
         self.images_trained += int(x0.shape[0])
-        self._observe_loss(loss, self.batches_trained)
+        self._observe_loss(loss, self.batches_trained, data_finite=torch.isfinite(x0).all())
         return loss
 
     # ------------------------------------------------------------------ loss window and divergence
-    def _observe_loss(self, loss: Tensor, step: int) -> None:
-        """Add the step's loss to the window and remember the first diverged step, on the device (no sync)."""
+    def _observe_loss(self, loss: Tensor, step: int, data_finite: Tensor | None = None) -> None:
+        """Add the step's loss to the window and remember the first diverged step, and the first step whose batch
+        held NaN/inf data (``data_finite`` False: the data, not the network, is then the cause), on the device."""
         value = loss.detach().float()
         w = self._window
         if w is None:  # built by kernels, not copied from the host (a pageable copy would synchronise)
-            w = torch.zeros(4, device=value.device)
+            w = torch.zeros(5, device=value.device)
             w[2] = -1.0
+            w[4] = -1.0
         bad = ~torch.isfinite(value)
         if self.max_loss is not None:
             bad = bad | (value > self.max_loss)
         first = bad & (w[2] < 0)
+        bad_data = (~data_finite.to(value.device)) if data_finite is not None else torch.zeros((), dtype=torch.bool,
+                                                                                              device=value.device)
+        first_data = bad_data & (w[4] < 0)
         self._window = torch.stack([w[0] + value, w[1] + 1.0, torch.where(first, float(step), w[2]),
-                                    torch.where(first, value, w[3])])
+                                    torch.where(first, value, w[3]), torch.where(first_data, float(step), w[4])])
 
     def _read_window(self, reset: bool = True) -> tuple[float, int] | None:
         """One host sync: (mean loss, steps) of the window, after raising if the run diverged."""
         w = self._window
         if w is None:
             return None
-        total, count, bad_step, bad_loss = w.tolist()
+        total, count, bad_step, bad_loss, bad_data_step = w.tolist()
         if reset:
             self._window = None
         trainer = self._trainer
+        if bad_data_step >= 0:
+            raise TrainingDivergedError(
+                f"the training data hold NaN or inf values (first in the batch of step {int(bad_data_step)}): the "
+                "network is not the cause; check the dataset (data=... and its files or parameters). No checkpoint "
+                "or Gamma was written from this network.")
         diverged = bad_step >= 0
         if trainer is not None and getattr(trainer, "world_size", 1) > 1:
             any_rank = bool(trainer.strategy.reduce_boolean_decision(diverged, all=False))

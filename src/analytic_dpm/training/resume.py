@@ -121,19 +121,34 @@ def resolve_resume(config: Mapping[str, Any], output_dir: Path, overwrite: bool,
     return str(existing), stored
 
 
-def finished_summary(ckpt_path: str, cfg: Any, output_dir: Path) -> dict[str, Any] | None:
-    """The summary of a run that already reached ``trainer.max_steps`` (nothing to train), else None."""
-    import torch
+def network_differences(stored: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+    """What makes a checkpoint's network unusable for this config: differences in ``model`` and ``diffusion``
+    (``model.base_channels: 32 -> 64``); speed-only keys do not count."""
+    return [d for k in ("model", "diffusion")
+            for d in _differences(stored.get(k, "<absent>"), config.get(k, "<absent>"), f"{k}.")]
+
+
+def finished_summary(ckpt_path: str, cfg: Any, output_dir: Path, explicit: bool = False) -> dict[str, Any] | None:
+    """The summary of a run that already reached ``trainer.max_steps`` (nothing to train), else None.
+
+    ``explicit``: the checkpoint was given as ``ckpt_path`` (possibly of another run directory): the message names
+    it and says that nothing is written to ``output_dir``."""
+    from ..files import safe_torch_load
 
     max_steps = cfg.trainer.get("max_steps")
     if max_steps is None or int(max_steps) < 0:
         return None
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = safe_torch_load(Path(ckpt_path), what="checkpoint")
     step = int(ckpt.get("global_step", 0))
     if step < int(max_steps):
         return None
-    log.info("%s is already trained to step %d (trainer.max_steps=%d): nothing to do; raise trainer.max_steps to "
-             "train further", output_dir, step, int(max_steps))
+    if explicit:
+        log.warning("ckpt_path=%s is already trained to step %d (trainer.max_steps=%d): nothing to train, and nothing "
+                    "is written to %s. Raise trainer.max_steps to train it further", ckpt_path, step, int(max_steps),
+                    output_dir)
+    else:
+        log.info("%s is already trained to step %d (trainer.max_steps=%d): nothing to do; raise trainer.max_steps "
+                 "to train further", output_dir, step, int(max_steps))
     return {"output_dir": str(output_dir), "last_checkpoint": ckpt_path, "global_step": step,
             "epoch": int(ckpt.get("epoch", 0)), "seconds": 0.0, "metrics": {}, "gamma_history": [],
             "module": None, "trainer": None, "already_finished": True}

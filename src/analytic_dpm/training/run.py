@@ -17,8 +17,9 @@ from ..data import DatasetNotAvailableError
 from ..errors import ConfigError, MissingFileError, report_user_errors
 from ..registry import plain
 from .data import ReproducibleDataModule
+from .interrupt import SigtermCheckpoint, SIGTERMException
 from .module import DiffusionModule
-from .resume import finished_summary, resolve_resume
+from .resume import finished_summary, network_differences, resolve_resume
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ def _finish_wandb() -> None:
             log.warning("wandb.finish() failed: %s", e)
 
 
-def _check_ckpt_path(ckpt_path) -> str | None:
+def _check_ckpt_path(ckpt_path, config: dict) -> str | None:
+    """An explicit ``ckpt_path`` to resume: it must be readable and trained with this network and noise schedule
+    (anything else fails inside Lightning with a state-dict dump); the differences are listed otherwise."""
     if ckpt_path in (None, ""):
         return None
     from .checkpoint import read_checkpoint
@@ -70,9 +73,17 @@ def _check_ckpt_path(ckpt_path) -> str | None:
     if not p.is_file():
         raise MissingFileError(f"ckpt_path={ckpt_path}: no such checkpoint file (resume needs an existing .ckpt)")
     try:
-        read_checkpoint(p)  # a corrupt, empty or foreign file fails here with a clear message, not inside Lightning
+        stored = read_checkpoint(p)["hyper_parameters"]  # a corrupt, empty or foreign file fails here, clearly
     except ValueError as e:
         raise ConfigError(f"ckpt_path={ckpt_path}: cannot resume from it: {e}") from None
+    diffs = network_differences(stored, config)
+    if diffs:
+        listing = "\n  ".join(diffs[:12]) + (f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} was trained with another network or noise schedule, so this run cannot resume "
+            f"it. Differences (checkpoint -> now):\n  {listing}\nResume it with the options it was trained with, "
+            "or start a new run without ckpt_path"
+        )
     return str(p)
 
 
@@ -89,8 +100,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("data") is None or cfg.get("model") is None or cfg.get("diffusion") is None:
         raise ConfigError("the config needs data, model and diffusion sections (see conf/train.yaml)")
     seed = cfg.get("seed")
-    ckpt_path = _check_ckpt_path(cfg.get("ckpt_path"))
     config = plain(cfg)  # resolves every interpolation (paths, ${data.channels}, ...)
+    ckpt_path = _check_ckpt_path(cfg.get("ckpt_path"), config)
     output_dir = Path(config.get("paths", {}).get("output_dir") or os.getcwd())
     resumed_config = None
     if ckpt_path is None:  # a directory with checkpoints: resume the same run, refuse another (resolve_resume)
@@ -109,8 +120,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.set_float32_matmul_precision(str(cfg.float32_matmul_precision))
     config["seed"] = seed
     output_dir.mkdir(parents=True, exist_ok=True)
-    if ckpt_path and resumed_config is not None:
-        finished = finished_summary(ckpt_path, cfg, output_dir)
+    if ckpt_path:  # a finished run: nothing to train (said, naming the checkpoint and where nothing was written)
+        finished = finished_summary(ckpt_path, cfg, output_dir, explicit=resumed_config is None)
         if finished is not None:
             return finished
 
@@ -147,8 +158,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                       logger=loggers if loggers else False)
 
     start = time.perf_counter()
+    interrupted = False
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    except SIGTERMException:  # stopped by SIGTERM after a batch; SigtermCheckpoint wrote last.ckpt
+        interrupted = True
     finally:
         _finish_wandb()
     seconds = time.perf_counter() - start
@@ -171,9 +185,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "gamma_history": history,
         "module": module,
         "trainer": trainer,
+        "interrupted": interrupted,
     }
-    if last:
-        log.info("checkpoint with Gamma: %s", last)
+    if interrupted:
+        saved = [cb.path for cb in trainer.callbacks if isinstance(cb, SigtermCheckpoint) and cb.path is not None]
+        where = f"{saved[0]}" if saved else "its last checkpoint"
+        log.warning("stopped by SIGTERM at step %d: rerun the same command to resume from %s", trainer.global_step,
+                    where)
+        summary["last_checkpoint"] = str(saved[0]) if saved else last
+    elif last:
+        with_gamma = getattr(module, "gamma", None) is not None
+        log.info("checkpoint with Gamma: %s" if with_gamma else "checkpoint (no Gamma calibrated: add it with "
+                 "`python -m analytic_dpm.calibrate --ckpt %s`): %s", *([last] if with_gamma else [last, last]))
     return summary
 
 
@@ -183,4 +206,8 @@ def run_cli(cfg: DictConfig) -> float | None:
         print(OmegaConf.to_yaml(cfg, resolve=False))
     with report_user_errors(log, prefix="\n"):
         summary = train(cfg)
+    if summary.get("interrupted"):
+        print(f"\nstopped by SIGTERM: rerun the same command to resume from {summary['last_checkpoint']}",
+              file=sys.stderr)
+        raise SystemExit(143)  # 128 + SIGTERM, as a process killed by it
     return summary["metrics"].get("train/loss")
