@@ -54,3 +54,19 @@ def test_a_file_system_without_locks_goes_on_without_the_lock(tmp_path, monkeypa
     with caplog.at_level(logging.WARNING, logger="analytic_dpm.files"), file_lock(tmp_path / "x.lock", timeout=1):
         ran.append(True)
     assert ran and "without the lock" in caplog.text
+
+
+def test_two_identical_grids_started_at_once_compute_each_cell_once(tmp_path):
+    """Each NLL group is claimed before it is computed: the two processes share the three groups (each computed by
+    exactly one of them) and both end with the whole grid."""
+    log, run_dir = tmp_path / "log", tmp_path / "grid"
+    outs = [tmp_path / f"out{i}.pt" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(HELPER), "grid", str(run_dir), str(log), str(out)],
+                              stderr=subprocess.PIPE, text=True) for out in outs]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    computed = [line.rsplit(" ", 1)[0] for line in log.read_text().splitlines()]
+    assert sorted(computed) == ["computed nll K=2", "computed nll K=3", "computed nll K=5"], log.read_text()
+    a, b = (torch.load(o, weights_only=False) for o in outs)
+    assert a == b and len(a) == 6 and all(v == v for v in a.values())

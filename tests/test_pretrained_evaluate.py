@@ -3,6 +3,7 @@ improved-diffusion fixture (tests/fixtures/pretrained, made with that project's 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -141,3 +142,36 @@ def test_pretrained_errors(tmp_path, image_folder, capsys):
     assert calibrate_cli.main(["--pretrained", "nonsense", "--source", "x", "--dataset", "cifar10",
                                "--out", str(tmp_path / "g.pt")]) == 2
     assert "unknown pretrained kind" in capsys.readouterr().err
+
+
+def test_calibrate_cli_infers_the_image_size_from_the_model(tmp_path, image_folder, capsys):
+    """No --data image_size=...: the model knows its size (the dataset would otherwise say which key to add)."""
+    out = tmp_path / "gamma.pt"
+    argv = ["--pretrained", "improved_diffusion", "--source", str(FIXTURE), "--dataset", "image_folder",
+            "--data", f"train_dir={image_folder}/train", "--data", f"test_dir={image_folder}/test",
+            "--data", f"cache_dir={tmp_path}/cache", "--out", str(out), "-M", "1", "--batch-size", "1000",
+            "--no-progress"]
+    argv += [a for k, v in FLAGS.items() for a in ("--option", f"{k}={v}")]
+    assert calibrate_cli.main(argv) == 0, capsys.readouterr().err
+    assert torch.load(out, weights_only=True)["gamma"].shape == (201,)
+    i = argv.index(f"test_dir={image_folder}/test")
+    assert calibrate_cli.main(argv[: i - 1] + argv[i + 1 :]) == 2  # a key the dataset needs: named, how to pass it
+    assert "needs test_dir; add test_dir=... (on this command line: --data KEY=VALUE)" in capsys.readouterr().err
+
+
+def test_run_json_says_which_conventions_were_applied(tmp_path, image_folder):
+    evaluate(cfg(tmp_path / "run", image_folder, "eval.metrics=[nll]"))
+    doc = json.loads((tmp_path / "run" / "run.json").read_text())
+    src = doc["source"]
+    assert src["source"] == "pretrained" and src["kind"] == "improved_diffusion"
+    assert src["timestep_convention"] and src["weights"] and src["weights_sha256"].startswith("sha256:")
+    assert src["options"]["diffusion_steps"] == 200 and doc["N"] == 200
+
+
+def test_the_quick_grid_calibrates_with_a_small_m(tmp_path):
+    """eval=quick: M = 10 (the paper: M = 10 gives the NLL/FID of M = 50000): N x M = 10,000 network calls at
+    N = 1000 on the first evaluation of a pretrained model, instead of 100,000."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        quick = compose("evaluate", overrides=["eval=quick", f"paths.output_dir={tmp_path}"])
+        full = compose("evaluate", overrides=[f"paths.output_dir={tmp_path}"])
+    assert quick.eval.calibration.num_samples == 10 and full.eval.calibration.num_samples == 100

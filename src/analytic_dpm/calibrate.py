@@ -22,12 +22,14 @@ A pretrained network of another project (the kinds of :mod:`analytic_dpm.pretrai
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import sys
 
 import yaml
 
 from .data import DatasetNotAvailableError
+from .errors import ConfigError, UserError
 
 
 def _kv(text: str) -> tuple[str, object]:
@@ -89,7 +91,6 @@ def calibrate_pretrained(args) -> int:
     from .calibration import calibrate_gamma
     from .data import get_datamodule_class
     from .gamma import save_gamma_file
-    from .pretrained import PretrainedError
     from .pretrained import load as load_pretrained
     from .registry import build_datamodule
 
@@ -100,8 +101,17 @@ def calibrate_pretrained(args) -> int:
     try:
         m = load_pretrained(args.pretrained, args.source, device=device, **dict(args.option))
         cls = get_datamodule_class(args.dataset)
-        dm = build_datamodule({"_target_": f"analytic_dpm.data.{cls.__name__}", **dict(args.data)},
-                              where=f"--dataset {args.dataset}")
+        data = dict(args.data)
+        accepted = inspect.signature(cls).parameters
+        for key, value in (("image_size", m.image_size), ("channels", m.channels)):
+            if key in accepted and key not in data:  # the model knows its image size: no --data key to guess
+                data[key] = value
+                logging.getLogger(__name__).info("--dataset %s: %s=%s, the model's", args.dataset, key, value)
+        try:
+            dm = build_datamodule({"_target_": f"analytic_dpm.data.{cls.__name__}", **data},
+                                  where=f"--dataset {args.dataset}")
+        except ConfigError as e:  # a key the dataset needs: say how to give it here
+            raise ConfigError(f"{e} (on this command line: --data KEY=VALUE)") from None
         dm.setup("fit")
         if (dm.channels, dm.image_size) != (m.channels, m.image_size):
             raise ValueError(f"the model takes {m.channels}x{m.image_size}^2 images, --dataset {args.dataset} gives "
@@ -110,7 +120,7 @@ def calibrate_pretrained(args) -> int:
         gamma, _ = calibrate_gamma(m.eps_model, m.schedule, dm.train_pool(None), args.num_samples, args.batch_size,
                                    seed=args.seed, device=device, precision=precision, compile=args.compile,
                                    progress=not args.no_progress, where=f"Gamma calibration of {args.source}")
-    except (PretrainedError, FileNotFoundError, ImportError, ValueError, TypeError, DatasetNotAvailableError) as e:
+    except (UserError, FileNotFoundError, ImportError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     save_gamma_file(args.out, gamma, M=int(args.num_samples), seed=int(args.seed), model=m.identity,

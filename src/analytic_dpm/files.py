@@ -73,12 +73,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, timeout: float | None = 600.0, what: str = "") -> Iterator[None]:
+def file_lock(path: str | os.PathLike, timeout: float | None = 600.0, what: str = "",
+              quiet: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` block.
 
-    Waits for another holder up to ``timeout`` seconds (None: forever), then raises ``TimeoutError`` naming the
-    file. A holder that dies releases the lock with its process. On systems without ``fcntl``, and on file systems
-    that do not support locks (``ENOLCK``, ``EOPNOTSUPP``, ...), it yields without locking, with a warning.
+    Waits for another holder up to ``timeout`` seconds (None: forever; 0: not at all), then raises ``TimeoutError``
+    naming the file (``quiet``: without logging that it waits). A holder that dies releases the lock with its
+    process. On systems without ``fcntl``, and on file systems that do not support locks (``ENOLCK``,
+    ``EOPNOTSUPP``, ...), it yields without locking, with a warning.
     """
     try:
         import fcntl
@@ -101,7 +103,8 @@ def file_lock(path: str | os.PathLike, timeout: float | None = 600.0, what: str 
                     break
                 if not waiting:
                     waiting = True
-                    log.info("waiting for %s: another process holds its lock", what or path)
+                    if not quiet:
+                        log.info("waiting for %s: another process holds its lock", what or path)
                 if timeout is not None and time.monotonic() - start > timeout:
                     raise TimeoutError(
                         f"{what or path} is locked by another process for more than {timeout:.0f} s "

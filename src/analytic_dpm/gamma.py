@@ -7,6 +7,8 @@ Cost: N * M network evaluations, batched across timesteps so the model always se
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from .moments import split_output
 from .pixels import to_model_space
 from .schedule import NoiseSchedule
 from .validation import FiniteWatch
+
+log = logging.getLogger(__name__)
 
 DataSource = Tensor | Callable[[int, torch.Generator], Tensor]
 
@@ -41,6 +45,44 @@ def _draw(data: DataSource, idx_count: int, generator: torch.Generator, device) 
     else:
         x = data(idx_count, generator)
     return to_model_space(x.to(device, non_blocking=True)).float()
+
+
+class _CostReport:
+    """Says what a calibration costs before it starts (N x M network calls) and, from its first batches, about how
+    long it will take (one device synchronisation, once)."""
+
+    PROBE_S = 2.0  # measure at least this long (and two batches) before estimating
+
+    def __init__(self, total: int, batch_size: int, N: int, M: int, device):
+        self.total, self.device, self.done = total, torch.device(device), False
+        self.start = time.perf_counter()
+        self.batches = 0
+        log.info("Gamma calibration: N x M = %d x %d = %s network calls, in batches of %d", N, M, f"{total:,}",
+                 batch_size)
+
+    def after(self, calls: int) -> None:
+        self.batches += 1
+        if self.done or calls >= self.total:
+            return
+        if self.batches < 2 or time.perf_counter() - self.start < self.PROBE_S:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - self.start
+        rate = calls / seconds
+        left = (self.total - calls) / rate
+        self.done = True
+        log.info("Gamma calibration: %.0f network calls/s here; about %s to go (%s in all)", rate, _duration(left),
+                 _duration(left + seconds))
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @torch.no_grad()
@@ -85,6 +127,7 @@ def estimate_gamma(
     total = N * num_samples  # flattened (n, i) pairs, n-major
     sums = torch.zeros(N + 1, dtype=torch.float64, device=device)
     watch = FiniteWatch("estimate_gamma", device, sentinel=N + 1)  # NaN/inf network outputs, checked once
+    cost = _CostReport(total, batch_size, N, num_samples, device)
     bar = tqdm(total=total, desc="Gamma calibration", unit="eval", disable=not progress, leave=False)
     for start in range(0, total, batch_size):
         count = min(batch_size, total - start)
@@ -98,6 +141,7 @@ def estimate_gamma(
         watch.observe(eps_hat, n)
         sums.index_add_(0, n, eps_hat.flatten(1).pow(2).mean(1).double())
         bar.update(count)
+        cost.after(start + count)
     bar.close()
     watch.check()
     gamma = sums / num_samples

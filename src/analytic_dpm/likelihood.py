@@ -145,6 +145,8 @@ def nll_bpd(
     gamma = check_gamma(gamma, schedule.N, required=any(needs_gamma(m) for m in ddpm_methods),
                         what="analytic_ddpm")
     B, K = x0.shape[0], len(taus)
+    if B == 0:
+        raise ValueError("x0 holds no images: nll_bpd needs a batch of at least one")
     dim = x0[0].numel()
     device = model_device(eps_model, fallback=x0.device)
     if generator is None:

@@ -64,7 +64,19 @@ def call_model(model: Callable, x_t: Tensor, t: Tensor, head_for: str | None = N
 
     ``head_for``: the name of a method that needs the head; a model without one then raises a ValueError.
     """
-    eps_hat, head = split_output(model(x_t, t))
+    try:
+        out = model(x_t, t)
+    except RuntimeError as e:  # a shape the network was not built for: say so instead of a kernel's dump
+        text = str(e)
+        if not any(w in text for w in ("size", "shape", "channels", "Expected", "match")):
+            raise
+        raise ValueError(f"the model cannot take inputs of shape {tuple(x_t.shape)} ({text.splitlines()[0][:200]}); "
+                         "pass the (channels, height, width) it was trained on") from e
+    eps_hat, head = split_output(out)
+    if eps_hat.shape != x_t.shape:
+        raise ValueError(f"the model returned eps of shape {tuple(eps_hat.shape)} for inputs of shape "
+                         f"{tuple(x_t.shape)}; a noise predictor returns the shape it is given (a head model: "
+                         "a pair (eps_hat, head) of that shape)")
     eps_hat = eps_hat.float()
     if head is not None:
         if head.shape != eps_hat.shape:

@@ -18,7 +18,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 __all__ = ["DATAMODULE_CLASSES", "NETWORK_CLASSES", "UnsafeConfigError", "build_datamodule", "build_network",
            "check_plain", "plain"]
@@ -94,6 +94,11 @@ def _build(table: dict[str, str], cfg: Mapping, what: str, where: str, overrides
             raise UnsafeConfigError(
                 f"{where}: {cls.__name__} has no parameter(s) {unknown}; it takes {', '.join(params)}"
             )
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if missing:
+        raise ConfigError(f"{where}: {cls.__name__} needs {', '.join(missing)}; add "
+                          + ", ".join(f"{m}=..." for m in missing))
     return cls(**kwargs)
 
 
@@ -133,4 +138,6 @@ def plain(obj: Any, *, missing_ok: bool = True) -> Any:
         return obj
     if callable(getattr(obj, "numel", None)) and obj.numel() == 1:  # a one-element tensor
         return obj.item()
+    if callable(getattr(obj, "tolist", None)):  # numpy arrays and scalars, tensors: their Python values
+        return plain(obj.tolist(), missing_ok=missing_ok)
     return str(obj)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -49,17 +51,51 @@ def check_gamma(gamma: Tensor | None, N: int, *, required: bool = True, what: st
         raise ValueError(f"gamma contains NaN at timesteps {bad}: recalibrate (estimate_gamma)")
     if torch.isinf(gamma[1:]).any() or (gamma[1:] < 0).any():
         raise ValueError("gamma_n is a mean square and must be finite and >= 0 for n >= 1")
-    return gamma.to(torch.float64)
+    gamma = gamma.to(torch.float64)
+    if N >= 1 and float((gamma[1:] > 1.0).double().mean()) > 0.5:
+        warnings.warn(GammaWarning(
+            f"gamma exceeds 1 on {100 * float((gamma[1:] > 1.0).double().mean()):.0f}% of the timesteps; a trained "
+            "noise predictor keeps E||eps_hat||^2/d <= 1 (analytic_dpm.gamma.gamma_warnings lists the likely causes)"),
+            stacklevel=3)
+    return gamma
+
+
+def as_int(value, what: str) -> int:
+    """An integer given as any integral type (Python, numpy, a 0-d integer tensor); ``ValueError`` naming ``what``
+    for anything else (a bool, 10.5, "10")."""
+    if isinstance(value, bool) or isinstance(value, (float, str, bytes)):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.dtype == torch.bool:
+            raise ValueError(f"{what} must be an integer, got {value!r}")
+        return int(value.item())
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    raise ValueError(f"{what} must be an integer, got {value!r}")
+
+
+def check_eta(eta) -> float:
+    """eta of the DDIM forward process: lambda^2 = eta^2 btilde, so 0 <= eta <= 1 (eta = 1: the DDPM posterior's
+    variance); outside that range bbar_s - lambda^2 can turn negative and the mean is not defined."""
+    if isinstance(eta, bool) or not isinstance(eta, (numbers.Real, Tensor)):
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    value = float(eta)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1] (DDIM's eta: 0 = deterministic, 1 = the DDPM variance), got {value}")
+    return value
 
 
 def check_K(K: int, N: int) -> int:
-    if not isinstance(K, int) or isinstance(K, bool):
-        raise ValueError(f"K (number of sampling steps) must be an integer, got {K!r}")
+    K = as_int(K, "K (number of sampling steps)")
     if K < 1:
         raise ValueError(f"K (number of sampling steps) must be >= 1, got {K}")
     if K > N:
         raise ValueError(f"K = {K} exceeds N = {N}: a trajectory has at most N distinct timesteps")
     return K
+
+
+class GammaWarning(UserWarning):
+    """A Gamma that is valid but implausible (above 1 on most timesteps): the predictor or its convention is off."""
 
 
 class NonFiniteOutputError(FloatingPointError):

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .methods import check_forward, check_method, head_kind, needs_gamma
 from .schedule import NoiseSchedule
-from .validation import check_gamma, validate_trajectory
+from .validation import check_eta, check_gamma, validate_trajectory
 
 DataRange = tuple[float, float] | None
 
@@ -30,8 +30,9 @@ def trajectory_pairs(trajectory: Sequence[int], device=None) -> tuple[Tensor, Te
 
 
 def forward_variance(schedule: NoiseSchedule, s, t, forward: str, eta: float = 0.0) -> Tensor:
-    """lambda^2_{s|t} of the forward process (spec section 2): btilde (DDPM) or eta^2 btilde (DDIM)."""
+    """lambda^2_{s|t} of the forward process (spec section 2): btilde (DDPM) or eta^2 btilde (DDIM); eta in [0, 1]."""
     check_forward(forward)
+    eta = check_eta(eta)
     btilde = schedule.btilde(s, t)
     return btilde if forward == "ddpm" else (eta**2) * btilde
 

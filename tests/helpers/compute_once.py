@@ -74,5 +74,48 @@ def gamma(cache_dir: str, log: str, out: str) -> None:
     torch.save(g, out)
 
 
+class SlowNoteOracle(torch.nn.Module):
+    """The exact Gaussian predictor, 1 s per call (a cell takes seconds), noting each (timestep, K) job it starts."""
+
+    def __init__(self, log: str, oracle):
+        super().__init__()
+        self.log, self.oracle = log, oracle
+
+    def forward(self, x, t):
+        time.sleep(0.2)
+        return self.oracle(x, t)
+
+
+def grid(run_dir: str, log: str, out: str) -> None:
+    """A small oracle grid into ``run_dir``; every NLL group / FID cell this process computes is noted in ``log``."""
+    from analytic_dpm.evaluation import EvalContext, GridRunner, ResultStore, plan_cells
+    from analytic_dpm.evaluation.provenance import run_identity
+    from analytic_dpm.evaluation.settings import EvalSettings
+    from analytic_dpm.oracles import GaussianOracle
+    from analytic_dpm.schedule import NoiseSchedule
+
+    sched = NoiseSchedule.linear(50)
+    oracle = GaussianOracle(sched, 0.0, 0.5, (1, 4, 4))
+    s = EvalSettings.from_config({"K": [2, 3, 5], "trajectory": ["even"], "method": ["ddpm_beta", "analytic_ddpm"],
+                                  "metrics": ["nll"], "nll": {"num_images": 8, "batch_size": 8}})
+    heldout = oracle.sample_data(8, torch.Generator().manual_seed(1))
+    ctx = EvalContext(eps_model=SlowNoteOracle(log, oracle), schedule=sched, gamma=oracle.gamma(), gamma_M=None,
+                      dataset="toy", data_range=None, heldout=lambda n: heldout, num_heldout=8,
+                      sample_shape=(1, 4, 4), device=torch.device("cpu"), is_image=False,
+                      nll_options=dict(decoder="continuous", decoder_variance="method", clip_x0=False,
+                                       data_range=None))
+    ctx.identity = run_identity(s, model_id="toy", model_step=None, gamma=ctx.gamma, gamma_M=None, dataset="toy")
+    runner = GridRunner(ctx, ResultStore(run_dir), s)
+    original = runner._nll_group
+
+    def noted(cells):
+        _note(log, f"computed nll K={cells[0].K}")
+        original(cells)
+
+    runner._nll_group = noted
+    runner.run(plan_cells(s.method, s.trajectory, s.K, sched.N))
+    torch.save({(r["method"], r["K"]): r["nll_bpd"] for r in ResultStore(run_dir).rows}, out)
+
+
 if __name__ == "__main__":
-    {"reference": reference, "gamma": gamma}[sys.argv[1]](*sys.argv[2:])
+    {"reference": reference, "gamma": gamma, "grid": grid}[sys.argv[1]](*sys.argv[2:])

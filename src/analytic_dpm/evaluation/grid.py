@@ -10,6 +10,7 @@ Rerunning into the same run directory skips finished cells (``ResultStore``); a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, file_lock
 from ..methods import check_method
 from ..seeding import cell_seed
 from ..trajectory import TRAJECTORY_KINDS, make_trajectory
@@ -59,6 +60,35 @@ def plan_cells(methods, trajectories, Ks, N: int) -> list[Cell]:
     if not methods or not trajectories or not Ks:
         raise ValueError("eval.method, eval.trajectory and eval.K must each name at least one value")
     return [Cell(m, t, k) for t in trajectories for k in Ks for m in methods]
+
+
+def item_label(item) -> str:
+    """A job's name: the method of a FID cell, ``nll`` for an NLL group (its methods share one pass)."""
+    return "group" if isinstance(item, list) else item.method
+
+
+@contextlib.contextmanager
+def claim(run_dir: Path, name: str, wait: bool, trainer=None):
+    """Hold the claim ``<run_dir>/.claims/<name>.lock`` (POSIX lock: a process that dies releases it) for the
+    block, yielding True, or yield False at once when another process holds it and ``wait`` is off. Under DDP only
+    rank 0 takes it and every rank follows its decision."""
+    world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+    rank0 = trainer is None or trainer.is_global_zero
+    lock, held = None, True
+    if rank0:
+        lock = file_lock(Path(run_dir) / ".claims" / f"{name}.lock", timeout=None if wait else 0.0,
+                         what=f"{name} in {run_dir}", quiet=not wait)
+        try:
+            lock.__enter__()
+        except TimeoutError:
+            lock, held = None, False
+    if world > 1:
+        held = bool(trainer.strategy.broadcast(held, src=0))
+    try:
+        yield held
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
 
 class GridRunner:
@@ -169,15 +199,53 @@ class GridRunner:
         return work
 
     def run(self, cells: Sequence[Cell]) -> None:
+        """Compute what :meth:`plan` leaves to do. Each job (an NLL group, a FID cell) is claimed first (a lock file
+        under ``.claims/``): a job another process is computing in the same directory is left for last, then waited
+        for and computed only if that process did not finish it (it died), so two identical grids started at once
+        share the work instead of doubling it."""
         work = self.plan(cells)
+        if self.is_writer:
+            self._announce(cells, work)
+        deferred = []
         bar = tqdm(work, desc="grid", unit="job", disable=not self.is_writer)
         for kind, item in bar:
             first = item[0] if isinstance(item, list) else item
             bar.set_postfix_str(f"{kind.upper()} {first.trajectory} K={first.K}")
+            if not self._claimed_run(kind, item, wait=False):
+                deferred.append((kind, item))
+        for kind, item in deferred:
+            log.info("waiting for another process computing %s %s K=%d in %s", kind.upper(), item_label(item),
+                     (item[0] if isinstance(item, list) else item).K, self.store.run_dir)
+            self._claimed_run(kind, item, wait=True)
+
+    def _claimed_run(self, kind: str, item, wait: bool) -> bool:
+        """Claim the job, recheck what is still to do (another process may have done it), compute it; False when
+        another process holds the claim and ``wait`` is off."""
+        with claim(self.store.run_dir, self._claim_name(kind, item), wait, self.trainer) as claimed:
+            if not claimed:
+                return False
+            self.store.refresh()
             if kind == "nll":
-                self._nll_group(item)
-            else:
+                todo = [c for c in item if not self._nll_done(c)]
+                if todo:
+                    self._nll_group(todo)
+            elif not self._fid_done(item):
                 self._fid_cell(item)
+        return True
+
+    def _claim_name(self, kind: str, item) -> str:
+        first = item[0] if isinstance(item, list) else item
+        name = f"{kind}-{item_label(item)}-{first.trajectory}-K{first.K}"
+        return name if self.num_shards == 1 else f"{name}-shard{self.shard}of{self.num_shards}"
+
+    def _announce(self, cells: Sequence[Cell], work: list) -> None:
+        """What the grid will cost: jobs to run (the rest reused) and their network calls."""
+        n_img = self.provenance.nll_identity()["num_images"]
+        calls = sum(n_img * item[0].K if kind == "nll" else self.s.fid.num_samples * item.K for kind, item in work)
+        nll = sum(1 for kind, _ in work if kind == "nll")
+        log.info("grid: %d cells; to compute: %d NLL group(s) (one network pass per trajectory and K serves its "
+                 "methods) and %d FID cell(s), about %s network calls; the rest is reused", len(cells), nll,
+                 len(work) - nll, f"{calls:,}")
 
     def _record(self, cell: Cell, metric: str, value, note: str, **extra) -> None:
         """A metric that is not a number: NaN = not defined; None = not computed or failed (note says which)."""

@@ -74,9 +74,18 @@ def find_result_files(paths: Iterable[str | os.PathLike], exclude: Iterable[str 
 
 
 def _read(path: Path) -> list[dict[str, Any]] | None:
+    """The rows of a results file; a damaged ``results.json`` falls back to the ``results.csv`` beside it (as
+    ``evaluate.py`` does), with a warning; None (skipped, with a warning) when nothing readable is there."""
     try:
         return load_rows(path)
     except (ValueError, json.JSONDecodeError, OSError) as err:
+        csv_path = path.with_name(RESULTS_CSV)
+        if path.name == RESULTS_JSON and csv_path.is_file():
+            warnings.warn(f"{path} unreadable ({err}); reading {csv_path}", stacklevel=3)
+            try:
+                return load_rows(csv_path)
+            except (ValueError, OSError) as err2:
+                err = err2
         warnings.warn(f"skipping {path}: {err}", stacklevel=3)
         return None
 
@@ -120,6 +129,21 @@ def merge_rows(sources: Sequence[tuple[Any, Sequence[dict[str, Any]]]]) -> list[
     return sort_rows(merged)
 
 
+def _unreadable_note(unreadable: dict, row: dict[str, Any], metric: str) -> str | None:
+    """The note about unreadable shard files of ``row``'s cell (FID: its own directory; NLL: the directory of its
+    (trajectory, K) group, named after the group's first method)."""
+    for (dir_name, m), note in unreadable.items():
+        if m != metric:
+            continue
+        parts = dir_name.rsplit("-", 2)
+        if len(parts) != 3:
+            continue
+        method, trajectory, k = parts
+        if k == f"K{row['K']}" and trajectory == row["trajectory"] and (metric == "nll" or method == row["method"]):
+            return note
+    return None
+
+
 def fill_from_shards(rows: list[dict[str, Any]], shard_files: Sequence[Path], exclude=None) -> list[dict[str, Any]]:
     """Put the values of cells computed in shards (``eval.num_shards > 1``, :mod:`.shards`) into their rows: a
     row's metric is filled when all its shards are present and were computed for the row's metric id."""
@@ -127,11 +151,15 @@ def fill_from_shards(rows: list[dict[str, Any]], shard_files: Sequence[Path], ex
         ex = Path(exclude).resolve()
         shard_files = [p for p in shard_files if ex not in p.resolve().parents]
     values = complete_values(shard_files)
+    unreadable = {(k[1], k[2]): v["note"] for k, v in values.items() if k[0] == "shard_dir"}
     for row in rows:
         key = cell_key(row)
         for metric, companion, id_col, name in (("nll_bpd", "num_nll_images", "nll_id", "NLL"),
                                                 ("fid", "num_fid_samples", "fid_id", "FID")):
             got = values.get((key, metric))
+            if got is None and row[metric] is None:  # shard files of this cell that could not be read at all
+                found = _unreadable_note(unreadable, row, "nll" if metric == "nll_bpd" else "fid")
+                got = None if found is None else {"note": found, id_col: row[id_col]}
             if got is None or row[metric] is not None or got[id_col] != row[id_col]:
                 continue
             notes = [n for n in (row["note"] or "").split("; ") if n and not n.startswith(f"{name}:")]

@@ -44,6 +44,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..files import atomic_write_text, file_lock
 from ..methods import METHODS
 from .provenance import ID_COLUMNS, IDENTITY_COLUMNS
@@ -346,6 +347,10 @@ def load_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class DamagedResultsError(UserError, ValueError):
+    """A run directory's results files cannot be read; the message says which and what to do."""
+
+
 class ResultStore:
     """The finished cells of one run directory, persisted after every :meth:`add`.
 
@@ -379,10 +384,16 @@ class ResultStore:
         return file_lock(self.run_dir / self.LOCK_NAME, timeout=self.lock_timeout, what=f"results in {self.run_dir}")
 
     def refresh(self) -> ResultStore:
-        """Re-read the results files (other processes may have added rows)."""
-        self._rows = {}
-        for row in load_rows(self.run_dir):
-            self._rows[cell_key(row)] = row
+        """Re-read the results files (other processes may have added rows); :class:`DamagedResultsError` when
+        neither file is readable."""
+        try:
+            rows = load_rows(self.run_dir)
+        except (ValueError, OSError) as err:
+            raise DamagedResultsError(
+                f"{self.json_path} is damaged ({err}) and no readable {RESULTS_CSV} is beside it: move it away "
+                f"(the grid is then computed again into {self.run_dir}) or restore it from a copy"
+            ) from None
+        self._rows = {cell_key(row): row for row in rows}
         return self
 
     # -- queries ---------------------------------------------------------------------------------------------

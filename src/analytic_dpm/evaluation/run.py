@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CellsFailed", "evaluate", "run_cli"]
 
 IDENTITIES_JSON = "identities.json"
+RUN_JSON = "run.json"
 
 
 class CellsFailed(RuntimeError):
@@ -72,6 +73,17 @@ def _write_identities(out_dir: Path, runner: GridRunner) -> None:
         atomic_write_text(path, json.dumps(known, indent=1, sort_keys=True, default=str) + "\n")
 
 
+def _write_run_json(out_dir: Path, ctx) -> None:
+    """``run.json``: where the evaluated network came from and which conventions were applied to it (a pretrained
+    model's format, timestep convention, EMA or training weights, layout), so a number can be audited later."""
+    from .. import __version__
+
+    doc = {"source": ctx.conventions, "dataset": ctx.dataset, "schedule": ctx.schedule.name, "N": ctx.schedule.N,
+           "model_id": ctx.identity.get("model_id"), "gamma_hash": ctx.identity.get("gamma_hash"),
+           "gamma_M": ctx.gamma_M, "version": __version__}
+    atomic_write_text(out_dir / RUN_JSON, json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n")
+
+
 def _resolve_out_dir(out_dir: Path, runner_for, on_mismatch: str) -> tuple[Path, GridRunner]:
     """The directory to write into, after checking what it holds (module docstring)."""
     store = ResultStore(out_dir)
@@ -107,6 +119,8 @@ def evaluate(request: EvalRequest | object) -> list[dict]:
         request = EvalRequest.from_config(request)  # everything is checked before anything costly runs
     settings = request.settings
     ctx = build_context(request)
+    for key, value in ctx.conventions.items():
+        log.info("source: %s = %s", key, value)
     try:
         cells = plan_cells(settings.method, settings.trajectory, settings.K, ctx.schedule.N)
     except ValueError as e:
@@ -132,6 +146,7 @@ def evaluate(request: EvalRequest | object) -> list[dict]:
         log.info("resuming: %d rows found in %s", len(store), out_dir)
     if writer:
         _write_identities(out_dir, runner)
+        _write_run_json(out_dir, ctx)
         run = _wandb_run(request.wandb, out_dir)
     try:
         runner.run(cells)

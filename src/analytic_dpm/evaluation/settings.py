@@ -12,6 +12,7 @@ The runner reads attributes of these objects only; nothing downstream looks up n
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -40,8 +41,11 @@ def _list(key: str, value: Any, *, allow_none: bool = False) -> list | None:
         if allow_none:
             return None
         raise SettingsError(f"{key} must name at least one value, got null")
-    if isinstance(value, (str, int, float, bool)):
+    if isinstance(value, (str, bool, numbers.Number)):
         value = [value]
+    elif callable(getattr(value, "tolist", None)):  # a numpy array / tensor of values
+        value = value.tolist()
+        value = value if isinstance(value, list) else [value]
     if not isinstance(value, (list, tuple)):
         raise SettingsError(f"{key} must be a value or a list of values, got {value!r}")
     if not value and not allow_none:
@@ -52,6 +56,8 @@ def _list(key: str, value: Any, *, allow_none: bool = False) -> list | None:
 def _int(key: str, value: Any, *, minimum: int | None = None, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # numpy integers too
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # 100.0 is harmless
@@ -63,13 +69,16 @@ def _int(key: str, value: Any, *, minimum: int | None = None, allow_none: bool =
     return value
 
 
-def _float(key: str, value: Any, *, minimum: float | None = None, allow_none: bool = False) -> float | None:
+def _float(key: str, value: Any, *, minimum: float | None = None, maximum: float | None = None,
+           allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise SettingsError(f"{key} must be a finite number, got {value!r}")
     if minimum is not None and float(value) < minimum:
         raise SettingsError(f"{key} must be >= {minimum}, got {value}")
+    if maximum is not None and float(value) > maximum:
+        raise SettingsError(f"{key} must be <= {maximum}, got {value}")
     return float(value)
 
 
@@ -101,7 +110,7 @@ def _ks(key: str, value: Any, *, allow_none: bool = False) -> tuple[int, ...] | 
         return None
     out = []
     for v in items:
-        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+        if isinstance(v, bool) or not (isinstance(v, numbers.Integral) or (isinstance(v, float) and v.is_integer())):
             raise SettingsError(f"{key} must hold positive integers (numbers of sampling steps), got {v!r}")
         if int(v) < 1:
             raise SettingsError(f"{key} must hold positive integers (numbers of sampling steps), got {v!r}")
@@ -236,7 +245,7 @@ class EvalSettings:
             metrics=_choices("eval.metrics", c.get("metrics", ["nll"]), METRICS),
             seed=_int("eval.seed", c.get("seed", 0)),
             device=_str("eval.device", c.get("device", "auto"), allow_none=False),
-            eta=_float("eval.eta", c.get("eta", 0.0), minimum=0.0),
+            eta=_float("eval.eta", c.get("eta", 0.0), minimum=0.0, maximum=1.0),
             clip_x0=_bool("eval.clip_x0", c.get("clip_x0", True)),
             gamma_policy=_choice("eval.gamma_policy", c.get("gamma_policy", "monotone"), GAMMA_POLICIES),
             quadratic_duplicates=_choice("eval.quadratic_duplicates", c.get("quadratic_duplicates", "reject"),

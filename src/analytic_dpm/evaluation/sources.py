@@ -28,7 +28,7 @@ from .settings import EvalSettings
 log = logging.getLogger(__name__)
 
 __all__ = ["apply_attention_setting", "build_context", "eval_datamodule", "load_pretrained", "network_context",
-           "pick_device"]
+           "pick_device", "pretrained_conventions"]
 
 
 def build_context(request: EvalRequest) -> EvalContext:
@@ -114,7 +114,7 @@ def _oracle_context(source: OracleSource, s: EvalSettings) -> EvalContext:
         eps_model=oracle, schedule=schedule, gamma=gamma, gamma_M=gamma_M, dataset=name, data_range=None,
         heldout=heldout, num_heldout=n_test, sample_shape=shape, device=torch.device("cpu"), is_image=False,
         nll_options=dict(decoder="continuous", decoder_variance="method", clip_x0=False, data_range=None),
-        identity=identity,
+        identity=identity, conventions={"source": "oracle", "oracle": dict(m)},
     )
 
 
@@ -199,7 +199,11 @@ def _checkpoint_context(source: CheckpointSource, request: EvalRequest, device: 
     return network_context(s, device, eps_model=ck.model, schedule=schedule, gamma=gamma, gamma_M=gamma_M,
                            datamodule=datamodule, data_cfg=data_cfg, model_id=model_id,
                            model_step=ck.gamma_meta.get("checkpoint_step"), gamma_from_file=from_file,
-                           conventions={"source": "checkpoint", "weights": ck.gamma_meta.get("weights")})
+                           conventions={"source": "checkpoint", "path": str(ck.path),
+                                        "weights": {"ema": "EMA", "raw": "training (no EMA in the file)"}.get(
+                                            ck.gamma_meta.get("weights"), ck.gamma_meta.get("weights")),
+                                        "step": ck.gamma_meta.get("checkpoint_step"),
+                                        "timestep_convention": "t (this package's own)"})
 
 
 def load_pretrained(source: PretrainedSource, device):
@@ -228,5 +232,21 @@ def _pretrained_context(source: PretrainedSource, request: EvalRequest, device: 
     model_id = pretrained_model_id(m.identity)
     return network_context(s, device, eps_model=m.eps_model, schedule=m.schedule, gamma=gamma, gamma_M=gamma_M,
                            datamodule=datamodule, data_cfg=request.data, model_id=model_id, model_step=None,
-                           gamma_from_file=bool(s.gamma_path), conventions={"source": "pretrained",
-                                                                            **dict(m.identity)})
+                           gamma_from_file=bool(s.gamma_path), conventions=pretrained_conventions(m))
+
+
+def pretrained_conventions(m) -> dict:
+    """What was applied to make a pretrained network ours, for the log and ``run.json``: the format, the timestep it
+    is fed, EMA or training weights, the file layout recognised, its sha256 and the completed options."""
+    options = dict(m.options or {})
+    ema = options.get("use_ema", options.get("ema"))
+    layout = str(m.identity.get("layout") or "")
+    if ema is None:
+        weights = "the file's one set of weights"
+    elif "ema" in layout or ema is True:
+        weights = "EMA"
+    else:
+        weights = "training (not EMA)"
+    return {"source": "pretrained", "kind": m.kind, "path": str(m.source),
+            "timestep_convention": m.timestep_convention, "weights": weights, "layout": layout or None,
+            "weights_sha256": m.identity.get("weights") or m.identity.get("weights_sha256"), "options": options}
