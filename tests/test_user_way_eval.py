@@ -220,3 +220,19 @@ def test_a_truncated_checkpoint_says_truncated(tmp_path, tiny_ckpt):
     cut.write_bytes(tiny_ckpt.read_bytes()[: tiny_ckpt.stat().st_size // 2])
     with pytest.raises(UserError, match="truncated or damaged"):
         evaluate(_cfg(tmp_path / "run", f"ckpt_path={cut}", "eval.K=[2]"))
+
+
+def test_heatmap_titles_fit_in_the_figure(tmp_path, monkeypatch):
+    from analytic_dpm.evaluation import report
+    from analytic_dpm.evaluation.results import normalize_row
+
+    figures = []
+    monkeypatch.setattr(report, "save", lambda fig, path: figures.append(fig) or path)
+    rows = [normalize_row(dict(dataset="fashion_mnist", schedule="linear", N=1000, method=m, K=k, trajectory="even",
+                               nll_bpd=5.0 + k / 100)) for m in ("ddpm_beta", "analytic_ddpm") for k in (10, 100)]
+    title = "fashion_mnist (linear, N=1000): NLL (bits/dim), even trajectory"
+    report.plot_heatmap(rows, "nll_bpd", tmp_path / "h.png", title=title)
+    (fig,) = figures
+    fig.canvas.draw()
+    box = fig.axes[0].title.get_window_extent()
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height

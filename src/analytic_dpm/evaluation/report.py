@@ -23,6 +23,7 @@ import html
 import json
 import math
 import os
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -422,7 +423,8 @@ def plot_heatmap(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, tit
             if row is not None and is_finite_number(row[metric]):
                 grid[i, j] = row[metric]
     finite = grid[np.isfinite(grid)]
-    fig = figure(1.0 + 0.9 * len(ks), 0.8 + 0.55 * len(methods))
+    width = max(4.5, 1.6 + 0.9 * len(ks))  # room for the method names and a title of a few words per line
+    fig = figure(width, 1.3 + 0.55 * len(methods))
     ax = fig.subplots()
     norm = None
     if finite.size:
@@ -442,7 +444,8 @@ def plot_heatmap(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, tit
     ax.set_xticks(range(len(ks)), [str(k) for k in ks])
     ax.set_yticks(range(len(methods)), methods)
     ax.set_xlabel("K")
-    ax.set_title(title or METRICS[metric][1])
+    # wrapped to the figure's width (about 10 characters per inch at this size): never clipped at the edges
+    ax.set_title(textwrap.fill(title or METRICS[metric][1], width=max(20, int(width * 9))), fontsize=9)
     if finite.size:
         fig.colorbar(image, ax=ax, label=METRICS[metric][1])
     return save(fig, path)
