@@ -4,6 +4,8 @@
   estimate of E tr Cov[x_0|x_n] / d (spec sections 4-5);
 * :func:`variance_curves` + :func:`plot_variance_bounds`: sigma^2_{s|t} of the DDPM-type methods on even
   trajectories between the Theorem 2 bounds (spec section 4);
+* :func:`variance_maps` + :func:`plot_variance_maps`: a covariance head's per-pixel variance on a few images beside
+  analytic_ddpm's one value per step (spec section 11);
 * :func:`figure`, :func:`save`, :data:`METHOD_STYLE`: the figure plumbing the report's metric plots use too.
 
 Plots use matplotlib's object API with the Agg canvas (no pyplot, no global backend switch, thread-safe).
@@ -17,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["METHOD_STYLE", "figure", "plot_gamma", "plot_variance_bounds", "save", "to_numpy", "variance_curves"]
+__all__ = ["METHOD_STYLE", "figure", "plot_gamma", "plot_variance_bounds", "plot_variance_maps", "save", "to_numpy",
+           "variance_curves", "variance_maps"]
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -48,6 +51,10 @@ METHOD_STYLE = {
     "analytic_ddpm": dict(color="tab:red", marker="^"),
     "ddim": dict(color="tab:green", marker="D"),
     "analytic_ddim": dict(color="tab:purple", marker="v"),
+    "sn_ddpm": dict(color="tab:brown", marker="P"),
+    "npr_ddpm": dict(color="tab:pink", marker="X"),
+    "sn_ddim": dict(color="tab:olive", marker="*"),
+    "npr_ddim": dict(color="tab:cyan", marker="h"),
 }
 
 
@@ -136,3 +143,68 @@ def variance_curves(schedule, gamma, Ks: Sequence[int], data_range) -> dict:
             entry[m] = reverse_variance(schedule, taus, m, gamma, data_range=data_range).tolist()
         out[K] = entry
     return out
+
+
+def variance_maps(model, schedule, x0, method: str, gamma, K: int = 10, steps: Sequence[int] = (2, 5, 9), *,
+                  data_range=(-1.0, 1.0), clip_x0: bool = True, avg_cov: bool = False, seed: int = 0) -> dict:
+    """The per-pixel variance sigma^2_{s|t}(x_t) of a head method (spec section 11) on noised versions of ``x0``
+    (a few images in model space), beside the scalar sigma^2_{s|t} of analytic_ddpm, at the pairs ``steps`` of the
+    even trajectory of K steps (k indexes the pair (tau_{k-1}, tau_k)). For :func:`plot_variance_maps`.
+
+    Returns ``{"pairs": [(s, t), ...], "maps": float64 [pairs, images, H, W] (mean over channels), "analytic":
+    [pairs], "method": method}``."""
+    import torch
+
+    from .moments import reverse_moments
+    from .trajectory import make_trajectory
+
+    taus = make_trajectory("even", schedule.N, K)
+    steps = [k for k in steps if 1 <= k < len(taus)]
+    g = torch.Generator().manual_seed(seed)
+    x0 = x0.float()
+    sched = schedule.to(x0.device)
+    maps, scalars, pairs = [], [], []
+    for k in steps:
+        s, t = taus[k - 1], taus[k]
+        eps = torch.randn(x0.shape, generator=g).to(x0.device)
+        x_t = sched.alphas_cumprod[t].sqrt().float() * x0 + sched.bbar[t].sqrt().float() * eps
+        with torch.no_grad():
+            _, var = reverse_moments(model, schedule, x_t, s, t, method, gamma=gamma, clip_x0=clip_x0,
+                                     data_range=data_range, avg_cov=avg_cov)
+            _, scalar = reverse_moments(model, schedule, x_t, s, t, "analytic_ddpm", gamma=gamma, clip_x0=clip_x0,
+                                        data_range=data_range)
+        var = var.expand_as(x_t) if var.shape != x_t.shape else var
+        maps.append(var.double().mean(1).cpu())
+        scalars.append(float(scalar))
+        pairs.append((s, t))
+    return {"pairs": pairs, "maps": torch.stack(maps).numpy(), "analytic": scalars, "method": method}
+
+
+def plot_variance_maps(data: Mapping[str, Any], path: Path, title: str = "") -> Path:
+    """One row per image, one column per pair (s, t): the head method's per-pixel sigma^2 (log colour scale shared
+    within a column), with analytic_ddpm's single sigma^2 of that pair marked on the colour bar."""
+    from matplotlib.colors import LogNorm
+
+    maps = np.asarray(data["maps"])
+    pairs, n_img = data["pairs"], maps.shape[1]
+    fig = figure(2.4 * len(pairs) + 0.6, 2.1 * n_img + 0.8)
+    axes = fig.subplots(n_img, len(pairs), squeeze=False)
+    for j, (s, t) in enumerate(pairs):
+        col = maps[j]
+        pos = col[col > 0]
+        scalar = data["analytic"][j]
+        lo = min(pos.min() if pos.size else scalar, scalar) if scalar > 0 else (pos.min() if pos.size else 1e-8)
+        hi = max(col.max(), scalar)
+        norm = LogNorm(lo, hi if hi > lo else lo * 10)
+        for i in range(n_img):
+            ax = axes[i][j]
+            image = ax.imshow(np.where(col[i] > 0, col[i], lo), cmap="magma", norm=norm)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"s={s}, t={t}", fontsize=9)
+        bar = fig.colorbar(image, ax=[axes[i][j] for i in range(n_img)], fraction=0.08)
+        bar.ax.axhline(scalar, color="cyan", lw=2)
+        bar.ax.tick_params(labelsize=7)
+    fig.suptitle(title or f"{data['method']}: per-pixel variance (cyan line: analytic_ddpm's one value)", fontsize=10)
+    return save(fig, path)

@@ -53,6 +53,13 @@ class EvalContext:
     # what the source applied to make the network ours (pretrained: kind, timestep convention, weights, layout)
     conventions: dict = field(default_factory=dict)
     datamodule: Any = None  # the data the context was built on (None for an oracle): train_pool, heldout, ...
+    train_pool: Any = None  # training points for the head methods' pair-cost table: a tensor or a sampler
+    train_digest: str | None = None  # what identifies that pool (sha256 of the tensor; the oracle's model id)
+
+    @property
+    def head_kind(self) -> str | None:
+        """The covariance head of the network (``"sn"``, ``"npr"``) or None (spec section 11)."""
+        return getattr(self.eps_model, "head_kind", None)
 
 
 @dataclass(frozen=True)

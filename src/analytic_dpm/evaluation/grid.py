@@ -22,7 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..files import atomic_write_text, file_lock
-from ..methods import check_method
+from ..methods import check_method, head_kind
 from ..seeding import cell_seed
 from ..trajectory import TRAJECTORY_KINDS, make_trajectory
 from ..validation import NonFiniteOutputError
@@ -113,6 +113,7 @@ class GridRunner:
         if "fid" in self.metrics and not ctx.is_image:
             log.warning("FID needs images: not defined for %s", ctx.dataset)
         self.provenance = Provenance(ctx, settings)
+        self._pair_costs: dict[str, Any] = {}
         self._nets: dict[tuple[str, int], Any] = {}
 
     def network(self, phase: str, batch: int):
@@ -162,24 +163,41 @@ class GridRunner:
         return shard_path(self.store.run_dir, self._cell_dir_name(c), metric, self.shard, self.num_shards)
 
     def trajectory(self, cell: Cell) -> list[int]:
+        """The cell's timesteps; the optimal trajectory of a head method runs the DP on its pair-cost table
+        (:mod:`.costs`, estimated once per head kind and cached), every other one on Gamma (spec sections 6, 11)."""
+        pair_costs = None
+        if cell.trajectory == "optimal" and head_kind(cell.method) is not None and cell.forward == "ddpm":
+            pair_costs = self.pair_costs(cell.method)
         return make_trajectory(
             cell.trajectory, self.ctx.schedule.N, cell.K, self.ctx.gamma, schedule=self.ctx.schedule,
             forward=cell.forward, data_range=self.ctx.data_range,
-            gamma_policy=self.s.gamma_policy, duplicates=self.s.quadratic_duplicates,
+            gamma_policy=self.s.gamma_policy, duplicates=self.s.quadratic_duplicates, pair_costs=pair_costs,
         )
 
+    def pair_costs(self, method: str):
+        """The pair-cost table of ``method``'s head (cached in memory, and on disk beside Gamma)."""
+        kind = head_kind(method)
+        if kind not in self._pair_costs:
+            from .costs import cached_pair_costs
+
+            self._pair_costs[kind] = cached_pair_costs(self.ctx, self.s, method,
+                                                       self.network("costs", self.s.head.cost_batch_size))
+        return self._pair_costs[kind]
+
     def _nll_done(self, c: Cell) -> bool:
+        nll_id = self.provenance.nll_id(c.method, c.trajectory)
         if self.num_shards > 1 and c.forward == "ddpm":
-            return read_shard_id(self._shard_file(c, "nll")) == self.provenance.nll_id()
-        return self.store.done(self._key(c), ("nll_bpd",), {"nll_bpd": self.provenance.nll_id()})
+            return read_shard_id(self._shard_file(c, "nll"), c.method) == nll_id
+        return self.store.done(self._key(c), ("nll_bpd",), {"nll_bpd": nll_id})
 
     def _fid_done(self, c: Cell) -> bool:
         if self.ctx.fid is None and self.ctx.is_image:  # not computable now: only a "not computed" note
             row = self.store.get(self._key(c)) or {}
             return "FID: not computed" in row.get("note", "")
         if self.num_shards > 1 and self.ctx.fid is not None:
-            return read_shard_id(self._shard_file(c, "fid")) == self.provenance.fid_id(c.method)
-        return self.store.done(self._key(c), ("fid",), {"fid": self.provenance.metric_id("fid", c.method)})
+            return read_shard_id(self._shard_file(c, "fid")) == self.provenance.fid_id(c.method, c.trajectory)
+        return self.store.done(self._key(c), ("fid",),
+                               {"fid": self.provenance.metric_id("fid", c.method, c.trajectory)})
 
     # ------------------------------------------------------------------ the grid
     def plan(self, cells: Sequence[Cell]) -> list[tuple[str, Cell | list[Cell]]]:
@@ -259,7 +277,7 @@ class GridRunner:
 
     def _undefined(self, cell: Cell, metric: str, reason: str) -> None:
         id_col = ID_COLUMNS[metric]
-        ident = self.provenance.metric_id(metric, cell.method)
+        ident = self.provenance.metric_id(metric, cell.method, cell.trajectory)
         self._record(cell, metric, math.nan, f"{'NLL' if metric == 'nll_bpd' else 'FID'}: {reason}",
                      **{id_col: ident})
 
@@ -291,29 +309,42 @@ class GridRunner:
         return max(0.0, seconds - (getattr(network, "compile_seconds", 0.0) - compiling))
 
     def _nll_group(self, cells: list[Cell]) -> None:
-        """One pass of network evaluations for all DDPM-type methods of one (trajectory, K)."""
-        from .modules import NllGroupModule, block_ranges
-
+        """One pass of network evaluations for all DDPM-type methods of one (trajectory, K) that share their
+        timesteps (the optimal trajectory of a head method has its own, from its pair-cost table: a pass of its own)."""
         ddpm = []
         for c in cells:
             if c.forward == "ddim":
                 self._undefined(c, "nll_bpd", NLL_UNDEFINED_DDIM)
+            elif (reason := self._head_mismatch(c)) is not None:
+                self._undefined(c, "nll_bpd", reason)
             else:
                 ddpm.append(c)
-        if not ddpm:
-            return
-        try:
-            taus = self.trajectory(ddpm[0])
-        except ValueError as e:
-            for c in ddpm:
+        passes: dict[tuple, list[Cell]] = {}
+        for c in ddpm:
+            try:
+                passes.setdefault(tuple(self.trajectory(c)), []).append(c)
+            except ValueError as e:
                 self._undefined(c, "nll_bpd", f"trajectory not defined: {e}")
-            return
+        for taus, group in passes.items():
+            self._nll_pass(group, list(taus))
+
+    def _head_mismatch(self, cell: Cell) -> str | None:
+        """Why a head method cannot run on this model (no head, or a head of the other kind), or None."""
+        want = head_kind(cell.method)
+        if want is None or self.ctx.head_kind == want:
+            return None
+        have = f"an {self.ctx.head_kind.upper()} head" if self.ctx.head_kind else "no covariance head"
+        return f"not defined: {cell.method} needs an {want.upper()} head, the model has {have}"
+
+    def _nll_pass(self, ddpm: list[Cell], taus: list[int]) -> None:
+        from .modules import NllGroupModule, block_ranges
+
         methods = [c.method for c in ddpm]
         x_all = self.ctx.heldout(self.s.nll.num_images)
         blocks = [(j, x_all[s0:s0 + n]) for j, s0, n in block_ranges(len(x_all), self.s.nll.batch_size)]
+        options = {**self.ctx.nll_options, **({"avg_cov": True} if self.s.head.avg_cov else {})}
         module = NllGroupModule(self.network("nll", self.s.nll.network_batch), self.ctx.schedule, taus, methods,
-                                self.ctx.gamma,
-                                self.ctx.nll_options, self.s.nll.network_batch,
+                                self.ctx.gamma, options, self.s.nll.network_batch,
                                 cell_seed(self.seed, "nll", ddpm[0].trajectory, ddpm[0].K), blocks,
                                 shard=self.shard, num_shards=self.num_shards)
         seconds = self._timed_test(module, module.predictor())
@@ -321,19 +352,21 @@ class GridRunner:
         if int(res["bad_t"]) <= self.ctx.schedule.N:
             self._failed(ddpm, "nll_bpd", NonFiniteOutputError("nll_bpd", int(res["bad_t"])))
             return
-        n, nll_id = int(res["count"]), self.provenance.nll_id()
+        n = int(res["count"])
+        ids = {c.method: self.provenance.nll_id(c.method, c.trajectory) for c in ddpm}  # a head method's has its part
         if self.num_shards > 1:
             if self.is_writer:
                 key = dict(dataset=self.ctx.dataset, schedule=self.ctx.schedule.name, N=self.ctx.schedule.N,
                            trajectory=ddpm[0].trajectory, K=ddpm[0].K)
-                write_nll_shard(self._shard_file(ddpm[0], "nll"), nll_id=nll_id, key=key, methods=methods,
-                                bpd_sums=res["bpd"].tolist(), term_sums=res["terms"].tolist(), count=n, taus=taus,
-                                shard=self.shard, num_shards=self.num_shards)
+                write_nll_shard(self._shard_file(ddpm[0], "nll"), nll_id=ids[ddpm[0].method], key=key,
+                                methods=methods, bpd_sums=res["bpd"].tolist(), term_sums=res["terms"].tolist(),
+                                count=n, taus=taus, shard=self.shard, num_shards=self.num_shards, nll_ids=ids)
             for c in ddpm:
                 self._record(c, "nll_bpd", None, f"NLL: shard {self.shard} of {self.num_shards} written "
-                             "(merge the jobs' directories for the value)", nll_id=nll_id)
+                             "(merge the jobs' directories for the value)", nll_id=ids[c.method])
             return
         for i, c in enumerate(ddpm):
+            nll_id = ids[c.method]
             row = self.provenance.row(c)
             row.update(nll_bpd=float(res["bpd"][i]) / n, num_nll_images=n, seconds=seconds, nll_id=nll_id, note="")
             if self.is_writer:  # per-term breakdown (bits/dim, mean over images): [L_0, L_{tau_1|tau_2}, ..., L_prior]
@@ -353,6 +386,9 @@ class GridRunner:
                 self._record(cell, "fid", None, "FID: not computed: no Inception weights (run `make fid-weights` or "
                              "set eval.fid.weights_path); a rerun computes it")
             return
+        if (reason := self._head_mismatch(cell)) is not None:
+            self._undefined(cell, "fid", reason)
+            return
         try:
             taus = self.trajectory(cell)
         except ValueError as e:
@@ -368,13 +404,13 @@ class GridRunner:
                                cell_seed(self.seed, "fid", cell.method, cell.trajectory, cell.K), blocks,
                                eta=self.s.eta, clip_x0=self.s.clip_x0, clip_sigma_y=f.clip_sigma_y.get(cell.method),
                                data_range=self.ctx.data_range, grid_path=grid, shard=self.shard,
-                               num_shards=self.num_shards)
+                               num_shards=self.num_shards, avg_cov=self.s.head.avg_cov)
         seconds = self._timed_test(module, module.predictor())
         res = module.result
         if res.bad_t:
             self._failed([cell], "fid", NonFiniteOutputError("sample", res.bad_t))
             return
-        fid_id = self.provenance.fid_id(cell.method)
+        fid_id = self.provenance.fid_id(cell.method, cell.trajectory)
         if self.num_shards > 1:
             if self.is_writer:
                 meta = {"fid_id": fid_id, "shard": self.shard, "num_shards": self.num_shards,

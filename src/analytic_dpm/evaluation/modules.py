@@ -189,13 +189,14 @@ class FidCellModule(_EvalModule):
     def __init__(self, eps_model: Callable, schedule: NoiseSchedule, taus: Sequence[int], method: str,
                  gamma: Tensor, metric, sample_shape: Sequence[int], seed: int, blocks: Sequence[tuple[int, int]],
                  *, eta: float = 0.0, clip_x0: bool = True, clip_sigma_y: float | None = None,
-                 data_range=(-1.0, 1.0), grid_path: Path | None = None, shard: int = 0, num_shards: int = 1):
+                 data_range=(-1.0, 1.0), grid_path: Path | None = None, shard: int = 0, num_shards: int = 1,
+                 avg_cov: bool = False):
         super().__init__(eps_model, blocks, shard, num_shards)
         self.schedule, self.taus, self.method, self.gamma = schedule, list(taus), method, gamma
         self.metric, self.failure = metric, FirstFailure()
         self.sample_shape, self.seed = tuple(sample_shape), seed
         self.eta, self.clip_x0, self.clip_sigma_y, self.data_range = eta, clip_x0, clip_sigma_y, data_range
-        self.grid_path = grid_path
+        self.grid_path, self.avg_cov = grid_path, avg_cov
         self.result: FidCellResult | None = None
 
     def on_test_epoch_start(self) -> None:
@@ -212,7 +213,7 @@ class FidCellModule(_EvalModule):
             x = sample(self.predictor(), self.schedule, self.taus, self.method, (int(n), *self.sample_shape),
                        gamma=self.gamma, eta=self.eta, clip_x0=self.clip_x0, clip_sigma_y=self.clip_sigma_y,
                        generator=block_generator(self.seed, block, self.device), device=self.device,
-                       data_range=self.data_range)
+                       data_range=self.data_range, **({"avg_cov": True} if self.avg_cov else {}))
         except NonFiniteOutputError as e:
             self.failure.update(e.timestep)
             return

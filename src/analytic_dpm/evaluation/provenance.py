@@ -48,6 +48,7 @@ __all__ = [
     "fid_features_identity",
     "gamma_cache_key",
     "oracle_model_id",
+    "pair_costs_key",
     "precision_label",
     "pretrained_model_id",
     "run_identity",
@@ -56,7 +57,7 @@ __all__ = [
 #: the identity columns of a result row (in CSV order, after the cell and metric columns) and their types
 IDENTITY_COLUMNS: dict[str, type] = {
     "model_id": str, "model_step": int, "gamma_hash": str, "precision": str, "gamma_policy": str, "version": str,
-    "nll_id": str, "fid_id": str, "fid_precision": str,
+    "nll_id": str, "fid_id": str, "fid_precision": str, "head": str,
 }  # fmt: skip
 #: metric column -> the column holding the id of the computation that produced it
 ID_COLUMNS: dict[str, str] = {"nll_bpd": "nll_id", "fid": "fid_id"}
@@ -96,17 +97,33 @@ def oracle_model_id(params: Mapping, schedule) -> str:
 
 
 def run_identity(s: EvalSettings, *, model_id: str, model_step, gamma: torch.Tensor, gamma_M, dataset: str,
-                 precision: str | None = None, gamma_from_file: bool = False) -> dict:
+                 precision: str | None = None, gamma_from_file: bool = False, head: str | None = None) -> dict:
     """The identity of a run: everything each of its numbers depends on besides the metric's own settings.
 
     ``gamma_from_file``: the Gamma came from the user's file (``eval.gamma_path``); its M is recorded in the rows'
-    ``gamma_M`` but enters the identity as None (module docstring)."""
-    return {
+    ``gamma_M`` but enters the identity as None (module docstring). ``head``: the model's covariance head
+    (``"npr:simple"``, ...), absent for a model without one (so the ids of such models are as before heads)."""
+    ident = {
         "dataset": dataset, "model_id": model_id, "model_step": model_step, "gamma_hash": short(digest_tensor(gamma)),
         "gamma_M": None if gamma_from_file else gamma_M, "seed": s.seed, "precision": precision or s.precision,
         "gamma_policy": s.gamma_policy, "quadratic_duplicates": s.quadratic_duplicates, "eta": s.eta,
         "clip_x0": s.clip_x0, "version": __version__,
     }
+    if head:
+        ident["head"] = head
+    return ident
+
+
+def pair_costs_key(ctx: EvalContext, s: EvalSettings, method: str) -> dict:
+    """What the pair-cost table of a head method's optimal trajectory is computed from (spec section 11): the model
+    (its identity), the training data, the head kind, avg_cov, the x0 clamp and data range, the number of images and
+    the seed. Its digest names the cached table and enters the identity of the rows the table's trajectory makes."""
+    from ..methods import head_kind
+
+    return {"model_id": ctx.identity.get("model_id"), "head": ctx.identity.get("head"),
+            "train_data": ctx.train_digest, "kind": head_kind(method), "avg_cov": s.head.avg_cov,
+            "clip_x0": s.nll.clip_x0 if ctx.is_image else False, "data_range": ctx.data_range,
+            "num_images": s.head.cost_images, "seed": s.seed, "precision": ctx.identity.get("precision")}
 
 
 def fid_features_identity(metric, reference: Mapping[str, Any]) -> dict:
@@ -147,40 +164,58 @@ class Provenance:
         self.ctx, self.s = ctx, settings
 
     # ------------------------------------------------------------------ per metric
-    def nll_identity(self) -> dict:
+    def _head_part(self, method: str | None, trajectory: str | None) -> dict:
+        """What a head method's numbers depend on besides the run: avg_cov, and on the optimal trajectory the
+        pair-cost table (its key's digest). Empty for the isotropic methods (their ids are as before heads)."""
+        from ..methods import head_kind
+
+        if method is None or head_kind(method) is None:
+            return {}
+        part: dict[str, Any] = {"avg_cov": self.s.head.avg_cov}
+        if trajectory == "optimal":
+            part["pair_costs"] = short(digest_json(pair_costs_key(self.ctx, self.s, method)))
+        return part
+
+    def nll_identity(self, method: str | None = None, trajectory: str | None = None) -> dict:
         n = self.ctx.num_heldout if self.s.nll.num_images is None else min(self.s.nll.num_images,
                                                                            self.ctx.num_heldout)
         return {**self.ctx.identity, "metric": "nll", "num_images": n, "batch_size": self.s.nll.batch_size,
-                "network_batch": self.s.nll.network_batch, "nll_options": self.ctx.nll_options}
+                "network_batch": self.s.nll.network_batch, "nll_options": self.ctx.nll_options,
+                **self._head_part(method, trajectory)}
 
-    def fid_identity(self, method: str) -> dict:
+    def fid_identity(self, method: str, trajectory: str | None = None) -> dict:
         f = self.s.fid
         ident = {**self.ctx.identity, "metric": "fid", "num_samples": f.num_samples, "batch_size": f.batch_size,
-                 "clip_sigma_y": f.clip_sigma_y.get(method), "features": getattr(self.ctx.fid, "identity", None)}
+                 "clip_sigma_y": f.clip_sigma_y.get(method), "features": getattr(self.ctx.fid, "identity", None),
+                 **self._head_part(method, trajectory)}
         sampling = self.ctx.fid_precision
         if sampling and sampling != self.ctx.identity.get("precision"):  # absent when equal: older fid_ids stay
             ident["sample_precision"] = sampling
         return ident
 
-    def nll_id(self) -> str:
-        return short(digest_json(self.nll_identity()))
+    def nll_id(self, method: str | None = None, trajectory: str | None = None) -> str:
+        return short(digest_json(self.nll_identity(method, trajectory)))
 
-    def fid_id(self, method: str) -> str:
-        return short(digest_json(self.fid_identity(method)))
+    def fid_id(self, method: str, trajectory: str | None = None) -> str:
+        return short(digest_json(self.fid_identity(method, trajectory)))
 
-    def metric_id(self, metric: str, method: str) -> str:
-        """The id a ``metric`` (``nll_bpd`` / ``fid``) of ``method`` computed by this run has ("" for an FID that
-        cannot be computed now: no Inception weights)."""
+    def metric_id(self, metric: str, method: str, trajectory: str | None = None) -> str:
+        """The id a ``metric`` (``nll_bpd`` / ``fid``) of ``method`` on ``trajectory`` computed by this run has (""
+        for an FID that cannot be computed now: no Inception weights)."""
         if metric == "nll_bpd":
-            return self.nll_id()
-        return self.fid_id(method) if self.ctx.fid is not None else ""
+            return self.nll_id(method, trajectory)
+        return self.fid_id(method, trajectory) if self.ctx.fid is not None else ""
 
-    def identities(self) -> dict[str, dict]:
+    def identities(self, methods=None) -> dict[str, dict]:
         """id -> the full identity it hashes, for ``identities.json`` (what produced each number, readable)."""
-        out = {self.nll_id(): self.nll_identity()} if "nll" in self.s.metrics else {}
-        if "fid" in self.s.metrics and self.ctx.fid is not None:
-            for m in self.s.method:
-                out[self.fid_id(m)] = self.fid_identity(m)
+        methods = list(methods if methods is not None else self.s.method)
+        out: dict[str, dict] = {}
+        for m in methods:
+            for traj in self.s.trajectory:
+                if "nll" in self.s.metrics:
+                    out[self.nll_id(m, traj)] = self.nll_identity(m, traj)
+                if "fid" in self.s.metrics and self.ctx.fid is not None:
+                    out[self.fid_id(m, traj)] = self.fid_identity(m, traj)
         return out
 
     def run_id(self) -> str:
@@ -194,7 +229,8 @@ class Provenance:
         return dict(dataset=ctx.dataset, schedule=ctx.schedule.name, N=ctx.schedule.N, forward=cell.forward,
                     method=cell.method, trajectory=cell.trajectory, K=cell.K, gamma_M=ctx.gamma_M, seed=self.s.seed,
                     model_id=i.get("model_id"), model_step=i.get("model_step"), gamma_hash=i.get("gamma_hash"),
-                    precision=i.get("precision"), gamma_policy=self.s.gamma_policy, version=i.get("version"))
+                    precision=i.get("precision"), gamma_policy=self.s.gamma_policy, version=i.get("version"),
+                    head=i.get("head"))
 
     def conflicts(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
         """Stored values among ``rows`` that this run would not have produced (another model, Gamma, seed, settings,
@@ -210,13 +246,16 @@ class Provenance:
             if diffs:
                 out.append(f"{where}: {', '.join(diffs)}")
                 continue
-            if "nll" in self.s.metrics and row["nll_bpd"] is not None and row["nll_id"] != self.nll_id():
+            known = self._known(row["method"])
+            nll_id = self.nll_id(row["method"], row["trajectory"]) if known else self.nll_id()
+            if "nll" in self.s.metrics and row["nll_bpd"] is not None and row["nll_id"] != nll_id:
                 out.append(f"{where}: NLL computed with other NLL settings (nll_id {row['nll_id'] or '-'}, now "
-                           f"{self.nll_id()}; e.g. num_nll_images {row['num_nll_images']})")
-            if ("fid" in self.s.metrics and self.ctx.fid is not None and row["fid"] is not None
-                    and self._known(row["method"]) and row["fid_id"] != self.fid_id(row["method"])):
+                           f"{nll_id}; e.g. num_nll_images {row['num_nll_images']})")
+            if ("fid" in self.s.metrics and self.ctx.fid is not None and row["fid"] is not None and known
+                    and row["fid_id"] != self.fid_id(row["method"], row["trajectory"])):
                 out.append(f"{where}: FID computed with other FID settings (fid_id {row['fid_id'] or '-'}, now "
-                           f"{self.fid_id(row['method'])}; e.g. num_fid_samples {row['num_fid_samples']})")
+                           f"{self.fid_id(row['method'], row['trajectory'])}; e.g. num_fid_samples "
+                           f"{row['num_fid_samples']})")
         return out
 
     @staticmethod

@@ -9,6 +9,7 @@
 * ``speedup.md`` / ``speedup.json``: see :func:`speedup_summary`.
 * ``nll_vs_K.png``, ``fid_vs_K.png``: one subplot per trajectory, one line per method, log-x axis.
 * ``heatmap_<nll|fid>_<trajectory>.png``: the tables as annotated heat maps.
+* ``variance_maps.png`` (a model with a covariance head): its per-pixel variance beside analytic_ddpm's;
 * ``gamma.png`` (if ``gamma`` is given) and ``variance_bounds.png`` (if ``bounds`` is given), drawn by
   :mod:`analytic_dpm.plots` (the same plots the training's Gamma callback writes).
 
@@ -30,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from ..methods import METHODS
-from ..plots import METHOD_STYLE, figure, plot_gamma, plot_variance_bounds, save
+from ..methods import ALL_METHODS
+from ..plots import METHOD_STYLE, figure, plot_gamma, plot_variance_bounds, plot_variance_maps, save
 from .results import (
     COLUMNS,
     METHOD_ORDER,
@@ -49,7 +50,8 @@ BASELINES: dict[str, tuple[str, ...]] = {
     "nll_bpd": ("ddpm_beta", "ddpm_beta_tilde"),
     "fid": ("ddpm_beta", "ddpm_beta_tilde", "ddim"),
 }
-ANALYTIC = ("analytic_ddpm", "analytic_ddim")
+#: the methods the speed-up summary measures against the baselines: the analytic ones and the covariance heads
+ANALYTIC = ("analytic_ddpm", "analytic_ddim", "sn_ddpm", "npr_ddpm", "sn_ddim", "npr_ddim")
 
 Group = tuple  # (dataset, schedule, N)
 
@@ -282,8 +284,8 @@ def speedup_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             best_ref = _reference(grows, metric, BASELINES[metric])
             for method in ANALYTIC:
                 refs: list[tuple[str, dict[str, Any] | None]] = [("best baseline", best_ref)]
-                forward = METHODS.get(method)
-                same = [b for b in BASELINES[metric] if METHODS.get(b) == forward]
+                forward = ALL_METHODS.get(method)
+                same = [b for b in BASELINES[metric] if ALL_METHODS.get(b) == forward]
                 same_ref = _reference(grows, metric, same) if same else None
                 if same_ref is not None and best_ref is not None and same_ref is not best_ref:
                     refs.append(("same forward", same_ref))
@@ -464,6 +466,7 @@ def write_report(
     title: str = "",
     abar: Any = None,
     plots: bool = True,
+    variance_maps: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write tables, speed-up summary and plots of ``rows`` into ``out_dir``; returns {name: path}.
 
@@ -510,6 +513,8 @@ def write_report(
         paths["gamma"] = plot_gamma(gamma, out_dir / "gamma.png", abar=abar, title=title)
     if bounds:
         paths["variance_bounds"] = plot_variance_bounds(bounds, out_dir / "variance_bounds.png", title=title)
+    if variance_maps:
+        paths["variance_maps"] = plot_variance_maps(variance_maps, out_dir / "variance_maps.png")
     return paths
 
 

@@ -46,7 +46,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..files import atomic_write_text, file_lock
-from ..methods import METHODS
+from ..methods import ALL_METHODS
 from .provenance import ID_COLUMNS, IDENTITY_COLUMNS
 
 #: The CSV header, in this order: the cell, its metrics and notes, then the identity columns of
@@ -82,7 +82,9 @@ INT_COLUMNS = frozenset({"N", "K", "num_nll_images", "num_fid_samples", "gamma_M
 FLOAT_COLUMNS = frozenset({"nll_bpd", "fid", "seconds"})
 
 #: Canonical orders used for sorting and for the report tables (unknown names go last, alphabetically).
-METHOD_ORDER: tuple[str, ...] = tuple(METHODS)  # ddpm_beta, ddpm_beta_tilde, analytic_ddpm, ddim, analytic_ddim
+#: ddpm_beta, ddpm_beta_tilde, analytic_ddpm, ddim, analytic_ddim, then the head methods sn_ddpm, npr_ddpm, sn_ddim,
+#: npr_ddim (spec section 11)
+METHOD_ORDER: tuple[str, ...] = tuple(ALL_METHODS)
 TRAJECTORY_ORDER: tuple[str, ...] = ("even", "quadratic", "optimal")
 
 RESULTS_JSON = "results.json"
@@ -167,8 +169,8 @@ def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"a result row needs {col!r}: {dict(row)!r}")
     if out["K"] is None:
         raise ValueError(f"a result row needs 'K': {dict(row)!r}")
-    if not out["forward"] and out["method"] in METHODS:
-        out["forward"] = METHODS[out["method"]]
+    if not out["forward"] and out["method"] in ALL_METHODS:
+        out["forward"] = ALL_METHODS[out["method"]]
     return out
 
 

@@ -64,12 +64,29 @@ def _wandb_run(w: WandbSettings, out_dir: Path):
                       job_type="evaluate", tags=list(w.tags), config=dict(w.config or {}))
 
 
-def _write_identities(out_dir: Path, runner: GridRunner) -> None:
+def grid_methods(settings, ctx) -> list[str]:
+    """``eval.method``, plus the methods of the model's covariance head when it has one (``eval.head.methods:
+    auto``: ``sn_ddpm``, ``sn_ddim`` for an SN head, ``npr_ddpm``, ``npr_ddim`` for an NPR head). Head methods asked
+    for a model without a head are refused, saying what to do."""
+    from ..methods import HEAD_METHODS, head_kind
+
+    methods = list(settings.method)
+    asked = [m for m in methods if head_kind(m) is not None]
+    if asked and ctx.head_kind is None:
+        raise UserError(f"eval.method has {', '.join(asked)}, which need a model with a covariance head (SN-DPM / "
+                        "NPR-DPM); this model has none: drop them, or evaluate a head model (a head checkpoint of "
+                        "train.py, pretrained.options.method=..., or an oracle with model.head=sn|npr)")
+    if ctx.head_kind is not None and settings.head.methods == "auto":
+        methods += [m for m in HEAD_METHODS if head_kind(m) == ctx.head_kind and m not in methods]
+    return methods
+
+
+def _write_identities(out_dir: Path, runner: GridRunner, methods=None) -> None:
     """Record the full identity behind every id used in this directory (merged with what is there)."""
     path = out_dir / IDENTITIES_JSON
     with file_lock(out_dir / ResultStore.LOCK_NAME):
         known = json.loads(path.read_text()) if path.is_file() else {}
-        known.update(runner.provenance.identities())
+        known.update(runner.provenance.identities(methods))
         atomic_write_text(path, json.dumps(known, indent=1, sort_keys=True, default=str) + "\n")
 
 
@@ -108,6 +125,19 @@ def _resolve_out_dir(out_dir: Path, runner_for, on_mismatch: str) -> tuple[Path,
     return new_dir, runner
 
 
+def _head_variance_maps(ctx, settings) -> dict | None:
+    """For a model with a covariance head: its per-pixel variance on 4 held-out images at 3 steps of K = 10 (the
+    report's ``variance_maps.png``); None otherwise."""
+    if ctx.head_kind is None or ctx.schedule.N < 10:
+        return None
+    from ..plots import variance_maps
+
+    x0 = ctx.heldout(4).to(ctx.device)
+    clip = bool(ctx.nll_options.get("clip_x0", False))
+    return variance_maps(ctx.eps_model, ctx.schedule, x0, f"{ctx.head_kind}_ddpm", ctx.gamma.to(ctx.device),
+                         data_range=ctx.data_range, clip_x0=clip, avg_cov=settings.head.avg_cov, seed=settings.seed)
+
+
 def evaluate(request: EvalRequest | object) -> list[dict]:
     """Run (or resume) the grid into the request's output directory; returns the rows of the whole grid.
 
@@ -121,8 +151,9 @@ def evaluate(request: EvalRequest | object) -> list[dict]:
     ctx = build_context(request)
     for key, value in ctx.conventions.items():
         log.info("source: %s = %s", key, value)
+    methods = grid_methods(settings, ctx)
     try:
-        cells = plan_cells(settings.method, settings.trajectory, settings.K, ctx.schedule.N)
+        cells = plan_cells(methods, settings.trajectory, settings.K, ctx.schedule.N)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -145,7 +176,7 @@ def evaluate(request: EvalRequest | object) -> list[dict]:
     if len(store) and writer:
         log.info("resuming: %d rows found in %s", len(store), out_dir)
     if writer:
-        _write_identities(out_dir, runner)
+        _write_identities(out_dir, runner, methods)
         _write_run_json(out_dir, ctx)
         run = _wandb_run(request.wandb, out_dir)
     try:
@@ -159,7 +190,7 @@ def evaluate(request: EvalRequest | object) -> list[dict]:
         bounds = variance_curves(ctx.schedule, ctx.gamma, Ks, ctx.data_range) if Ks else None
         paths = write_report(rows, out_dir, gamma=ctx.gamma.cpu().numpy(), bounds=bounds,
                              abar=ctx.schedule.alphas_cumprod.numpy(), title=f"{ctx.dataset} ({ctx.schedule.name}, "
-                             f"N={ctx.schedule.N})")
+                             f"N={ctx.schedule.N})", variance_maps=_head_variance_maps(ctx, settings))
         if run is not None:
             log_report_to_wandb(run, rows, paths)
         log.info("results: %s; report: %s", out_dir / "results.csv", paths.get("tables"))

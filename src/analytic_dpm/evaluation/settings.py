@@ -20,7 +20,7 @@ from typing import Any
 from ..accel import parse_flag
 from ..errors import UserError
 from ..likelihood import CDFS, DECODER_VARIANCES, DECODERS
-from ..methods import METHODS
+from ..methods import ALL_METHODS
 from ..registry import plain
 from ..trajectory import GAMMA_POLICIES, QUADRATIC_DUPLICATES, TRAJECTORY_KINDS
 
@@ -185,6 +185,19 @@ class FidSettings:
 
 
 @dataclass(frozen=True)
+class HeadSettings:
+    """Covariance heads (SN-DPM / NPR-DPM, spec section 11)."""
+
+    methods: str = "auto"  # auto: a model with a head adds its methods (sn_* or npr_*) to the grid | none
+    avg_cov: bool = False  # the head's per-pixel variance replaced by its mean over the pixels of each image
+    cost_images: int = 64  # training images of the optimal trajectory's pair-cost table (N network calls each)
+    cost_batch_size: int = 500  # network batch of that estimate
+
+
+HEAD_METHOD_CHOICES = ("auto", "none")
+
+
+@dataclass(frozen=True)
 class EvalSettings:
     K: tuple[int, ...]
     trajectory: tuple[str, ...]
@@ -211,6 +224,7 @@ class EvalSettings:
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     nll: NllSettings = field(default_factory=NllSettings)
     fid: FidSettings = field(default_factory=FidSettings)
+    head: HeadSettings = field(default_factory=HeadSettings)
     report_variance_K: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ construction
@@ -222,7 +236,8 @@ class EvalSettings:
             raise SettingsError(f"eval must be a mapping, got {c!r}")
         top = ["K", "trajectory", "method", "metrics", "seed", "device", "eta", "clip_x0", "gamma_policy",
                "quadratic_duplicates", "gamma_path", "gamma_cache", "recalibrate", "on_mismatch", "calibration", "nll",
-               "fid", "report", "precision", "compile", "compile_mode", "attention_float32", "shard", "num_shards"]
+               "fid", "report", "precision", "compile", "compile_mode", "attention_float32", "shard", "num_shards",
+               "head"]
         _unknown("eval", c, top)
         cal = dict(c.get("calibration") or {})
         _unknown("eval.calibration", cal, [f.name for f in fields(CalibrationSettings)])
@@ -232,12 +247,14 @@ class EvalSettings:
         _unknown("eval.fid", fid, [f.name for f in fields(FidSettings)])
         rep = dict(c.get("report") or {})
         _unknown("eval.report", rep, ["variance_K"])
+        head = dict(c.get("head") or {})
+        _unknown("eval.head", head, [f.name for f in fields(HeadSettings)])
 
-        methods = _choices("eval.method", c.get("method"), tuple(METHODS))
+        methods = _choices("eval.method", c.get("method"), tuple(ALL_METHODS))
         clip_y = plain(fid.get("clip_sigma_y")) or {}
         if not isinstance(clip_y, Mapping):
             raise SettingsError(f"eval.fid.clip_sigma_y must map method names to pixel levels, got {clip_y!r}")
-        _unknown("eval.fid.clip_sigma_y", clip_y, tuple(METHODS))
+        _unknown("eval.fid.clip_sigma_y", clip_y, tuple(ALL_METHODS))
         return cls(
             K=_ks("eval.K", c.get("K")),
             trajectory=_choices("eval.trajectory", c.get("trajectory"), TRAJECTORY_KINDS),
@@ -278,7 +295,7 @@ class EvalSettings:
             fid=FidSettings(
                 num_samples=_int("eval.fid.num_samples", fid.get("num_samples", 50000), minimum=2),
                 K=_ks("eval.fid.K", fid.get("K"), allow_none=True),
-                method=_choices("eval.fid.method", fid.get("method"), tuple(METHODS), allow_none=True),
+                method=_choices("eval.fid.method", fid.get("method"), tuple(ALL_METHODS), allow_none=True),
                 batch_size=_int("eval.fid.batch_size", fid.get("batch_size", 500), minimum=1),
                 feature_batch_size=_int("eval.fid.feature_batch_size", fid.get("feature_batch_size", 200),
                                         minimum=1),
@@ -297,6 +314,12 @@ class EvalSettings:
                 save_grid=_bool("eval.fid.save_grid", fid.get("save_grid", True)),
                 clip_sigma_y={m: _float(f"eval.fid.clip_sigma_y.{m}", v, minimum=0.0, allow_none=True)
                               for m, v in clip_y.items()},
+            ),
+            head=HeadSettings(
+                methods=_choice("eval.head.methods", head.get("methods", "auto"), HEAD_METHOD_CHOICES),
+                avg_cov=_bool("eval.head.avg_cov", head.get("avg_cov", False)),
+                cost_images=_int("eval.head.cost_images", head.get("cost_images", 64), minimum=1),
+                cost_batch_size=_int("eval.head.cost_batch_size", head.get("cost_batch_size", 500), minimum=1),
             ),
             report_variance_K=_ks("eval.report.variance_K", rep.get("variance_K"), allow_none=True) or (),
         )

@@ -33,18 +33,24 @@ def shard_path(run_dir: Path, cell_dir_name: str, metric: str, shard: int, num_s
 
 
 def write_nll_shard(path: Path, *, nll_id: str, key: Mapping[str, Any], methods: list[str], bpd_sums: list[float],
-                    term_sums: list[list[float]], count: int, taus: list[int], shard: int, num_shards: int) -> Path:
+                    term_sums: list[list[float]], count: int, taus: list[int], shard: int, num_shards: int,
+                    nll_ids: Mapping[str, str] | None = None) -> Path:
+    """``nll_id``: the id of the pass (its first method's); ``nll_ids``: per method, where they differ (a head
+    method's id has its own part, spec section 11)."""
     doc = {"format": "analytic_dpm.nll_shard/1", "nll_id": nll_id, "cell": dict(key), "methods": methods,
            "bpd_sums": bpd_sums, "term_sums": term_sums, "count": count, "trajectory": taus, "shard": shard,
            "num_shards": num_shards}
+    if nll_ids and any(v != nll_id for v in nll_ids.values()):
+        doc["nll_ids"] = dict(nll_ids)
     return atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
 
 
-def read_shard_id(path: Path) -> str | None:
-    """The metric id a shard file was written for (None if unreadable)."""
+def read_shard_id(path: Path, method: str | None = None) -> str | None:
+    """The metric id a shard file was written for (that of ``method`` for an NLL shard; None if unreadable)."""
     try:
         if path.suffix == ".json":
-            return json.loads(path.read_text())["nll_id"]
+            doc = json.loads(path.read_text())
+            return (doc.get("nll_ids") or {}).get(method, doc["nll_id"])
         from ..fid import FeatureSums
 
         return FeatureSums.load(path).metadata.get("fid_id")
@@ -161,12 +167,14 @@ def complete_values(shard_files: Iterable[Path]) -> dict[tuple, dict[str, Any]]:
             for k, method in enumerate(first["methods"]):
                 cell = (key[0], key[1], key[2], method, key[3], key[4])
                 if notes:
-                    out[(cell, "nll_bpd")] = {"note": "; ".join(notes), "nll_id": ident}
+                    out[(cell, "nll_bpd")] = {"note": "; ".join(notes),
+                                              "nll_id": (first["doc"].get("nll_ids") or {}).get(method, ident)}
                     continue
                 docs = [parts[i][1]["doc"] for i in sorted(parts)]
                 count = sum(d["count"] for d in docs)
                 total = sum(d["bpd_sums"][k] for d in docs)
-                out[(cell, "nll_bpd")] = {"nll_bpd": total / count, "num_nll_images": int(count), "nll_id": ident}
+                method_id = (first["doc"].get("nll_ids") or {}).get(method, ident)
+                out[(cell, "nll_bpd")] = {"nll_bpd": total / count, "num_nll_images": int(count), "nll_id": method_id}
         else:
             from ..fid import fid_from_sums, merge_sums
 

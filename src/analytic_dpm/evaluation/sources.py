@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import UserError
+from ..identity import digest_tensor
 from ..oracles import GaussianMixtureOracle, GaussianOracle
 from ..registry import build_datamodule
 from ..schedule import NoiseSchedule
@@ -81,14 +82,17 @@ def _oracle_context(source: OracleSource, s: EvalSettings) -> EvalContext:
     try:
         shape = tuple(int(v) for v in m["shape"])
         if m["oracle"] == "gaussian":
-            oracle = GaussianOracle(schedule, float(m["mean"]), float(m["std"]), shape)
-            name = f"gaussian(std={float(m['std']):g})"
+            anisotropic = isinstance(m["std"], (list, tuple))
+            std = [float(v) for v in m["std"]] if anisotropic else float(m["std"])
+            oracle = GaussianOracle(schedule, float(m["mean"]), std, shape)
+            name = "gaussian(per-pixel std)" if anisotropic else f"gaussian(std={float(m['std']):g})"
         elif m["oracle"] == "gmm":
             oracle = GaussianMixtureOracle(schedule, list(m["means"]), list(m["stds"]), list(m["weights"]),
                                            shape=shape)
             name = "gmm"
         else:
             raise UserError(f"unknown oracle {m['oracle']!r}; use model=oracle_gaussian or model=oracle_gmm")
+        network = oracle.head_model(str(m["head"])) if m.get("head") else oracle  # exact heads (spec section 11)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"model (the oracle's parameters): {e}") from None
     if m["oracle"] == "gaussian":
@@ -108,13 +112,16 @@ def _oracle_context(source: OracleSource, s: EvalSettings) -> EvalContext:
         return heldout_all if n is None else heldout_all[: min(int(n), n_test)]
 
     model_id = oracle_model_id(m, schedule)
-    identity = run_identity(s, model_id=model_id, model_step=None, gamma=gamma, gamma_M=gamma_M, dataset=name)
+    head = f"{m['head']}:exact" if m.get("head") else None
+    identity = run_identity(s, model_id=model_id, model_step=None, gamma=gamma, gamma_M=gamma_M, dataset=name,
+                            head=head)
     # oracles: unbounded continuous data -> continuous decoder with the method's own variance, no clamp
     return EvalContext(
-        eps_model=oracle, schedule=schedule, gamma=gamma, gamma_M=gamma_M, dataset=name, data_range=None,
+        eps_model=network, schedule=schedule, gamma=gamma, gamma_M=gamma_M, dataset=name, data_range=None,
         heldout=heldout, num_heldout=n_test, sample_shape=shape, device=torch.device("cpu"), is_image=False,
         nll_options=dict(decoder="continuous", decoder_variance="method", clip_x0=False, data_range=None),
         identity=identity, conventions={"source": "oracle", "oracle": dict(m)},
+        train_pool=oracle.sample_data, train_digest=model_id,
     )
 
 
@@ -132,10 +139,17 @@ def eval_datamodule(data_cfg: Mapping, where: str = "data"):
     return dm
 
 
+def head_label(model) -> str | None:
+    """``"npr:simple"`` for a model with a covariance head (its kind and mode), None for a plain noise predictor."""
+    kind = getattr(model, "head_kind", None)
+    return None if kind is None else f"{kind}:{getattr(model, 'mode', None) or 'head'}"
+
+
 def network_context(s: EvalSettings, device, *, eps_model, schedule, gamma, gamma_M, datamodule, data_cfg,
                     model_id: str, model_step, gamma_from_file: bool = False,
                     conventions: Mapping | None = None) -> EvalContext:
-    """The context of a network (checkpoint or pretrained) evaluated on a datamodule."""
+    """The context of a network (checkpoint or pretrained) evaluated on a datamodule; ``eps_model`` may be a head
+    model ``(x_t, t) -> (eps_hat, head)``, which every method accepts (spec section 11)."""
     from ..data import to_model_space
 
     warn_gamma(gamma, model_id)
@@ -151,9 +165,10 @@ def network_context(s: EvalSettings, device, *, eps_model, schedule, gamma, gamm
                            cdf=s.nll.cdf, data_range=tuple(datamodule.data_range))
     else:  # continuous, unbounded data (synthetic): continuous decoder with the method's own variance
         nll_options = dict(decoder="continuous", decoder_variance="method", clip_x0=False, data_range=None)
+    head = head_label(eps_model)
     identity = run_identity(s, model_id=model_id, model_step=model_step, gamma=gamma, gamma_M=gamma_M,
                             dataset=name, precision=precision_label(s.precision, eps_model),
-                            gamma_from_file=gamma_from_file)
+                            gamma_from_file=gamma_from_file, head=head)
     ctx = EvalContext(
         eps_model=eps_model, schedule=schedule, gamma=gamma, gamma_M=gamma_M, dataset=name,
         data_range=tuple(datamodule.data_range) if images else None, heldout=heldout, num_heldout=n_test,
@@ -161,6 +176,9 @@ def network_context(s: EvalSettings, device, *, eps_model, schedule, gamma, gamm
         is_image=images, nll_options=nll_options, identity=identity, conventions=dict(conventions or {}),
         datamodule=datamodule,
     )
+    if head is not None:  # the head methods' optimal trajectory estimates its pair costs on the training split
+        ctx.train_pool = datamodule.train_pool(None)
+        ctx.train_digest = digest_tensor(ctx.train_pool)
     if "fid" in s.metrics and images:
         ctx.fid = fid_context(s, datamodule, device)
         ctx.fid_precision = precision_label(s.fid_precision, eps_model)
@@ -230,7 +248,8 @@ def _pretrained_context(source: PretrainedSource, request: EvalRequest, device: 
         )
     gamma, gamma_M = cached_gamma(m.eps_model, m.schedule, datamodule, s, device, m.identity)
     model_id = pretrained_model_id(m.identity)
-    return network_context(s, device, eps_model=m.eps_model, schedule=m.schedule, gamma=gamma, gamma_M=gamma_M,
+    network = m.head_model if getattr(m, "head_model", None) is not None else m.eps_model  # one pass: eps and head
+    return network_context(s, device, eps_model=network, schedule=m.schedule, gamma=gamma, gamma_M=gamma_M,
                            datamodule=datamodule, data_cfg=request.data, model_id=model_id, model_step=None,
                            gamma_from_file=bool(s.gamma_path), conventions=pretrained_conventions(m))
 
@@ -249,4 +268,5 @@ def pretrained_conventions(m) -> dict:
         weights = "training (not EMA)"
     return {"source": "pretrained", "kind": m.kind, "path": str(m.source),
             "timestep_convention": m.timestep_convention, "weights": weights, "layout": layout or None,
-            "weights_sha256": m.identity.get("weights") or m.identity.get("weights_sha256"), "options": options}
+            "weights_sha256": m.identity.get("weights") or m.identity.get("weights_sha256"), "options": options,
+            "head": head_label(getattr(m, "head_model", None))}
