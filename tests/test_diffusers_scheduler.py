@@ -527,3 +527,10 @@ def test_gamma_file_goes_into_from_config(tmp_path):
     optimal.set_timesteps(K)
     assert torch.equal(optimal.gamma, GAMMA)
     assert optimal.trajectory == make_trajectory("optimal", N, K, GAMMA, schedule=SCHEDULE)
+
+
+def test_head_methods_are_refused_with_the_way_to_use_them():
+    from analytic_dpm import NoiseSchedule
+
+    with pytest.raises(ValueError, match="needs a network with a covariance head"):
+        AnalyticDPMScheduler.from_schedule(NoiseSchedule.linear(50), method="npr_ddpm")

@@ -77,3 +77,35 @@ def test_head_methods_need_a_head(tmp_path):
     note = {r["method"]: r["note"] for r in load_rows(tmp_path / "sn")}["npr_ddpm"]
     assert "needs an NPR head, the model has an SN head" in note
     assert {r["method"] for r in rows} == {"npr_ddpm", "sn_ddpm", "sn_ddim"}
+
+
+def test_a_released_npr_model_is_evaluated_with_its_head_methods(tmp_path):
+    """The authors' released-format NPR model (a fixture made with their code) through evaluate.py pretrained=...:
+    its head methods join the grid, one backbone pass per step, and run.json names the head. (N = 100 instead of
+    the fixture's 1000 keeps Gamma's N x M network calls cheap; the values are not compared here.)"""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    fixture = ROOT / "tests" / "fixtures" / "pretrained" / "extended_analytic_dpm" / "iddpm_simple.pt"
+    images = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 4)):
+        (images / split / "c").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / split / "c" / f"{i}.png")
+    flags = {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "dropout": 0.3, "diffusion_steps": 100,
+             "noise_schedule": "linear", "timestep_shift": False, "method": "pred_eps_epsc_pretrained"}
+    out = tmp_path / "run"
+    rows = evaluate(_cfg(out, "pretrained=improved_diffusion", f"pretrained.source={fixture}",
+                         *[f"pretrained.options.{k}={v}" for k, v in flags.items()], "data=image_folder",
+                         f"data.train_dir={images}/train", f"data.test_dir={images}/test", "data.image_size=32",
+                         f"data.cache_dir={tmp_path}/cache", "eval.K=[4]", "eval.trajectory=[even]",
+                         "eval.method=[analytic_ddpm]", "eval.metrics=[nll]", "eval.nll.num_images=4",
+                         "eval.calibration.num_samples=1"))
+    by = {(r["method"], r["trajectory"]): r for r in rows}
+    assert {m for m, _ in by} == {"analytic_ddpm", "npr_ddpm", "npr_ddim"}
+    assert math.isfinite(by[("npr_ddpm", "even")]["nll_bpd"])  # (the optimal trajectory: the oracle tests above)
+    assert {r["head"] for r in rows} == {"npr:simple"}
+    assert json.loads((out / "run.json").read_text())["source"]["head"] == "npr:simple"

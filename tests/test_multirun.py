@@ -65,7 +65,7 @@ DOCUMENTED = {
     SLURM_CPU_TRAIN: "slurm/test_multirun_slurm.py::test_readme_slurm_cpu_quickstart_as_typed",
     **{cmd: "slurm/test_multirun_slurm.py::test_readme_gpu_commands_reach_sbatch" for cmd in SLURM_GPU},
 }
-DOC_FILES = ["README.md", "train.py", "evaluate.py",
+DOC_FILES = ["README.md", "train.py", "evaluate.py", *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("docs/*.md")),
              *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("conf/**/*.yaml"))]
 _COMMAND = re.compile(r"python (?:train|evaluate)\.py -m .*")
 

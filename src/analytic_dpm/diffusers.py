@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .methods import check_method, needs_gamma
+from .methods import check_method, head_kind, needs_gamma
 from .pretrained.base import PretrainedError
 from .pretrained.diffusers_format import (
     CONTINUOUS_SCHEDULERS,
@@ -162,6 +162,12 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         name = "trained_betas" if trained_betas is not None else beta_schedule
         self.schedule = NoiseSchedule.from_betas(betas, name=f"diffusers:{name}")
         self.forward_process = check_method(method)
+        if head_kind(method) is not None:
+            raise ValueError(
+                f"method {method!r} needs a network with a covariance head (spec section 11), and a diffusers "
+                "pipeline's UNet2DModel has none; sample a head model with analytic_dpm.sample (or evaluate.py), "
+                "or choose analytic_ddpm / analytic_ddim here"
+            )
         if gamma_policy not in GAMMA_POLICIES:
             raise ValueError(f"unknown gamma_policy {gamma_policy!r}; choose one of {', '.join(GAMMA_POLICIES)}")
         if not clip_sample_range > 0:

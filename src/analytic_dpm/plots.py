@@ -157,6 +157,7 @@ def variance_maps(model, schedule, x0, method: str, gamma, K: int = 10, steps: S
 
     from .moments import reverse_moments
     from .trajectory import make_trajectory
+    from .variance import pair_variance
 
     taus = make_trajectory("even", schedule.N, K)
     steps = [k for k in steps if 1 <= k < len(taus)]
@@ -171,8 +172,9 @@ def variance_maps(model, schedule, x0, method: str, gamma, K: int = 10, steps: S
         with torch.no_grad():
             _, var = reverse_moments(model, schedule, x_t, s, t, method, gamma=gamma, clip_x0=clip_x0,
                                      data_range=data_range, avg_cov=avg_cov)
-            _, scalar = reverse_moments(model, schedule, x_t, s, t, "analytic_ddpm", gamma=gamma, clip_x0=clip_x0,
-                                        data_range=data_range)
+        # analytic_ddpm's variance of the pair is a closed form of Gamma (spec section 4): no network call
+        scalar = pair_variance(schedule, torch.tensor(s), torch.tensor(t), "analytic_ddpm", gamma.cpu(), 0.0,
+                               data_range)
         var = var.expand_as(x_t) if var.shape != x_t.shape else var
         maps.append(var.double().mean(1).cpu())
         scalars.append(float(scalar))
