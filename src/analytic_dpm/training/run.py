@@ -23,7 +23,7 @@ from .resume import finished_summary, network_differences, resolve_resume
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_cli", "train"]
+__all__ = ["fit", "run_cli", "start_run", "train"]
 
 
 def _instantiate(node, what: str, **kwargs):
@@ -73,9 +73,15 @@ def _check_ckpt_path(ckpt_path, config: dict) -> str | None:
     if not p.is_file():
         raise MissingFileError(f"ckpt_path={ckpt_path}: no such checkpoint file (resume needs an existing .ckpt)")
     try:
-        stored = read_checkpoint(p)["hyper_parameters"]  # a corrupt, empty or foreign file fails here, clearly
+        ckpt = read_checkpoint(p)  # a corrupt, empty or foreign file fails here, clearly
     except ValueError as e:
         raise ConfigError(f"ckpt_path={ckpt_path}: cannot resume from it: {e}") from None
+    from .head_checkpoint import is_head_checkpoint
+
+    if is_head_checkpoint(ckpt):
+        raise ConfigError(f"ckpt_path={ckpt_path} is a covariance-head checkpoint: resume it with its head run's "
+                          "config (experiment=head_... with its backbone=... and head=...), not a noise-predictor run")
+    stored = ckpt["hyper_parameters"]
     diffs = network_differences(stored, config)
     if diffs:
         listing = "\n  ".join(diffs[:12]) + (f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")
@@ -87,21 +93,18 @@ def _check_ckpt_path(ckpt_path, config: dict) -> str | None:
     return str(p)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train (or resume, with ``cfg.ckpt_path``) one model; returns a summary dict.
+def start_run(cfg: DictConfig, config: dict[str, Any], ckpt_path: str | None
+              ) -> tuple[str | None, Path, int, dict[str, Any] | None]:
+    """What every training run does before building anything: pick the checkpoint to resume (``ckpt_path`` given,
+    or this run directory's own: :func:`~.resume.resolve_resume`), fix and apply the seed, create the run directory.
 
-    Summary keys: ``output_dir``, ``last_checkpoint`` (path or None), ``global_step``, ``epoch``,
-    ``seconds`` (wall time of ``fit``), ``metrics`` (last logged scalars), ``gamma_history`` (one record
-    per calibration), ``module`` and ``trainer`` (the objects, for tests and notebooks).
+    ``config`` is the run config as it will be stored (its ``seed`` is set here). Returns ``(checkpoint to resume or
+    None, output directory, seed, summary of an already finished run or None)``.
     """
     import lightning as L
     import torch
 
-    if cfg.get("data") is None or cfg.get("model") is None or cfg.get("diffusion") is None:
-        raise ConfigError("the config needs data, model and diffusion sections (see conf/train.yaml)")
     seed = cfg.get("seed")
-    config = plain(cfg)  # resolves every interpolation (paths, ${data.channels}, ...)
-    ckpt_path = _check_ckpt_path(cfg.get("ckpt_path"), config)
     output_dir = Path(config.get("paths", {}).get("output_dir") or os.getcwd())
     resumed_config = None
     if ckpt_path is None:  # a directory with checkpoints: resume the same run, refuse another (resolve_resume)
@@ -120,10 +123,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.set_float32_matmul_precision(str(cfg.float32_matmul_precision))
     config["seed"] = seed
     output_dir.mkdir(parents=True, exist_ok=True)
+    finished = None
     if ckpt_path:  # a finished run: nothing to train (said, naming the checkpoint and where nothing was written)
         finished = finished_summary(ckpt_path, cfg, output_dir, explicit=resumed_config is None)
-        if finished is not None:
-            return finished
+    return ckpt_path, output_dir, seed, finished
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or resume, with ``cfg.ckpt_path``) one model; returns a summary dict.
+
+    A config with a ``backbone`` (or ``head``) section trains a covariance head on a frozen noise predictor instead
+    (:func:`~.head_run.train_head`).
+
+    Summary keys: ``output_dir``, ``last_checkpoint`` (path or None), ``global_step``, ``epoch``,
+    ``seconds`` (wall time of ``fit``), ``metrics`` (last logged scalars), ``gamma_history`` (one record
+    per calibration), ``module`` and ``trainer`` (the objects, for tests and notebooks).
+    """
+    if cfg.get("backbone") is not None or cfg.get("head") is not None:
+        from .head_run import train_head
+
+        return train_head(cfg)
+    if cfg.get("data") is None or cfg.get("model") is None or cfg.get("diffusion") is None:
+        raise ConfigError("the config needs data, model and diffusion sections (see conf/train.yaml)")
+    config = plain(cfg)  # resolves every interpolation (paths, ${data.channels}, ...)
+    ckpt_path = _check_ckpt_path(cfg.get("ckpt_path"), config)
+    ckpt_path, output_dir, seed, finished = start_run(cfg, config, ckpt_path)
+    if finished is not None:
+        return finished
 
     log.info("instantiating datamodule <%s>", cfg.data.get("_target_"))
     inner = _instantiate(cfg.data, "the datamodule (data=...)")
@@ -142,8 +168,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"cannot build the module / network: {e}") from None
     log.info("model: %s with %.2fM parameters", config["model"].get("_target_"), module.num_parameters() / 1e6)
+    summary = fit(cfg, module, datamodule, ckpt_path, output_dir)
+    last = summary["last_checkpoint"]
+    if last and not summary["interrupted"]:
+        with_gamma = getattr(module, "gamma", None) is not None
+        log.info("checkpoint with Gamma: %s" if with_gamma else "checkpoint (no Gamma calibrated: add it with "
+                 "`python -m analytic_dpm.calibrate --ckpt %s`): %s", *([last] if with_gamma else [last, last]))
+    return summary
+
+
+def fit(cfg: DictConfig, module, datamodule, ckpt_path: str | None, output_dir: Path,
+        drop_callbacks: tuple[type, ...] = ()) -> dict[str, Any]:
+    """Build the callbacks, loggers and trainer of ``cfg``, run ``trainer.fit`` (a SIGTERM stops it cleanly after the
+    batch, with ``last.ckpt``) and return the run's summary (:func:`train`). ``drop_callbacks``: callback classes that
+    do not apply to this module (dropped with a log line)."""
+    import lightning as L
 
     callbacks = _collect(cfg.get("callbacks"), "callback")
+    dropped = [c for c in callbacks if isinstance(c, drop_callbacks)] if drop_callbacks else []
+    if dropped:
+        callbacks = [c for c in callbacks if c not in dropped]
+        log.info("callbacks not used by %s: %s", type(module).__name__, ", ".join(type(c).__name__ for c in dropped))
     loggers = _collect(cfg.get("logger"), "logger")
     if cfg.trainer.get("enable_progress_bar", True) is False:  # Lightning refuses a bar callback then
         from lightning.pytorch.callbacks.progress import ProgressBar
@@ -172,8 +217,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_cb is not None:
         last = getattr(ckpt_cb, "last_model_path", None) or getattr(ckpt_cb, "best_model_path", None) or None
     history: list = []
+    head_history: list = []
     for cb in trainer.callbacks:
         history.extend(getattr(cb, "history", []) if type(cb).__name__ == "GammaCalibration" else [])
+        head_history.extend(getattr(cb, "history", []) if type(cb).__name__ == "HeadDiagnostics" else [])
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     summary = {
         "output_dir": str(output_dir),
@@ -183,6 +230,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "seconds": seconds,
         "metrics": metrics,
         "gamma_history": history,
+        "head_history": head_history,
         "module": module,
         "trainer": trainer,
         "interrupted": interrupted,
@@ -193,10 +241,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.warning("stopped by SIGTERM at step %d: rerun the same command to resume from %s", trainer.global_step,
                     where)
         summary["last_checkpoint"] = str(saved[0]) if saved else last
-    elif last:
-        with_gamma = getattr(module, "gamma", None) is not None
-        log.info("checkpoint with Gamma: %s" if with_gamma else "checkpoint (no Gamma calibrated: add it with "
-                 "`python -m analytic_dpm.calibrate --ckpt %s`): %s", *([last] if with_gamma else [last, last]))
     return summary
 
 
