@@ -33,11 +33,11 @@ from ..errors import ConfigError, MissingFileError
 from ..registry import build_datamodule, plain
 from .backbone import Backbone, backbone_spec, load_backbone
 from .data import ReproducibleDataModule
+from .fitting import fit, instantiate, start_run
 from .gamma_callback import GammaCalibration
 from .head_checkpoint import HeadCheckpointError, _read, read_head_record
 from .head_module import HeadModule, check_resume_record
 from .resume import _differences
-from .run import _instantiate, fit, start_run
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def train_head(cfg: DictConfig) -> dict[str, Any]:
         inner = build_datamodule(data_cfg, where=f"{spec['ckpt_path']}: hyper_parameters.data")
     else:
         log.info("instantiating datamodule <%s>", data_cfg.get("_target_"))
-        inner = _instantiate(cfg.data, "the datamodule (data=...)")
+        inner = instantiate(cfg.data, "the datamodule (data=...)")
     datamodule = ReproducibleDataModule(inner, seed=seed)
 
     head_args = {k: v for k, v in head.items()}
