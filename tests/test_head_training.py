@@ -219,7 +219,8 @@ def test_npr_head_moves_toward_the_empirical_residual(backbone):
         opt.zero_grad()
     module.eval()
     after = gap()
-    assert all(a < 0.5 * b for a, b in zip(after, before)), (before, after)
+    # measured: |gap| 0.73..0.93 before, 0.08..0.12 after (an SN head, h ~ E[eps^2] ~ 1, would stay > 0.25 at t = 48)
+    assert all(a < 0.25 * b for a, b in zip(after, before)), (before, after)
 
 
 # ------------------------------------------------------------------------------------------- a run and its checkpoint
@@ -235,7 +236,7 @@ def test_run_writes_a_head_checkpoint_with_the_backbone_identity(trained_head, t
     assert rec["backbone"]["identity"] == digest_state_dict(base.model)  # the backbone's EMA weights
     assert rec["backbone"]["source"]["type"] == "checkpoint"
     assert rec["backbone"]["source"]["path"] == str(Path(tiny_ckpt).resolve())
-    assert (rec["head_kind"], rec["mode"], rec["backbone_mode"]) == ("npr", "simple", "eval")
+    assert (rec["head_kind"], rec["mode"], rec["backbone_mode"]) == ("npr", "complex", "eval")
     assert torch.equal(rec["gamma"], base.gamma) and rec["gamma_meta"]["M"] == base.gamma_meta["M"]
     assert torch.equal(rec["schedule"]["betas"], base.schedule.betas) and rec["schedule"]["name"] == "linear"
     hp = ckpt["hyper_parameters"]
@@ -268,7 +269,7 @@ def test_load_head_checkpoint_gives_the_trained_ema_head(trained_head, tiny_ckpt
     module = summary["module"]
     loaded = load_head_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert isinstance(loaded, LoadedHeadCheckpoint)
-    assert loaded.head_kind == loaded.head_model.head_kind == "npr" and loaded.mode == "simple"
+    assert loaded.head_kind == loaded.head_model.head_kind == "npr" and loaded.mode == "complex"
     assert loaded.methods == ("npr_ddpm", "npr_ddim") and loaded.gamma_meta["weights"] == "ema"
     assert loaded.backbone_identity == module.backbone_identity and loaded.backbone_source["type"] == "checkpoint"
     assert not loaded.head_model.training and loaded.schedule.N == 50
@@ -400,14 +401,11 @@ def test_pretrained_improved_diffusion_backbone(tmp_path):
         tmp_path / "run", "backbone=improved_diffusion", f"backbone.source={IDDPM_FIX / 'tiny_learn_sigma.pt'}",
         *options, "head=sn", "head.lr=1e-3", "data=gaussian", "data.channels=3", "data.image_size=32",
         "data.num_train=32", "data.num_test=4", "data.batch_size=4", "trainer.max_steps=2",
-        "callbacks.head_diagnostics.nll_images=2", "callbacks.head_diagnostics.nll_K=[4]",
-        "callbacks.head_diagnostics.gamma_samples=1", "callbacks.head_diagnostics.batch_size=64",
-        "callbacks.head_diagnostics.pool_size=8", base=[o for o in HEAD_TINY if not o.startswith("head.lr")]))
+        "callbacks.head_diagnostics.nll_images=0", base=[o for o in HEAD_TINY if not o.startswith("head.lr")]))
     module = summary["module"]
     assert summary["global_step"] == 2 and module.N == 2000 and module.noise_schedule.name == "cosine"
     assert (module.backbone.t_offset, module.backbone.t_scale) == (-1, 0.5)
-    report = summary["head_history"][-1]
-    assert report["gamma"]["source"] == "quick calibration" and "nll_K4/sn_ddpm" in report["nll_bpd"]
+    assert summary["head_history"][-1]["loss_bands"]["t1-500"]["count"] > 0
     loaded = load_head_checkpoint(summary["last_checkpoint"])
     ref = pretrained.load("improved_diffusion", IDDPM_FIX / "tiny_learn_sigma.pt", **flags)
     assert loaded.backbone_identity == digest_state_dict(ref.eps_model.net)
@@ -418,6 +416,19 @@ def test_pretrained_improved_diffusion_backbone(tmp_path):
         assert torch.equal(eps, ref.eps_model(x, t))  # the backbone alone, in its own timestep convention
         assert h.shape == x.shape and loaded.head_model.head_kind == "sn"
     assert torch.equal(loaded.schedule.betas, ref.schedule.betas)
+
+
+def test_diagnostics_calibrate_gamma_once_for_a_backbone_without_one(tiny_ckpt, tmp_path):
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    ckpt["analytic_dpm"]["gamma"] = None
+    bare = tmp_path / "no_gamma.ckpt"
+    torch.save(ckpt, bare)
+    summary = head_run(tmp_path / "run", bare)
+    first, last = summary["head_history"]
+    assert first["gamma"]["source"] == last["gamma"]["source"] == "quick calibration"
+    assert first["gamma"]["M"] == 2 and first["gamma"]["seed"] == last["gamma"]["seed"]
+    assert {"nll_K5/npr_ddpm", "nll_K5/analytic_ddpm"} <= set(last["nll_bpd"])
+    assert load_head_checkpoint(summary["last_checkpoint"]).gamma is None  # the quick one is not the backbone's
 
 
 def test_backbone_specs_and_refusals(tmp_path, tiny_ckpt, trained_head):
@@ -457,6 +468,47 @@ def test_plain_training_refuses_a_head_checkpoint_directory(trained_head, tmp_pa
     shutil.copytree(run_dir / "checkpoints", copy / "checkpoints")
     with pytest.raises(ConfigError, match=r"(?s)another config.*head: \{"):
         train(make_cfg(copy, base=TINY))
+    with pytest.raises(ConfigError, match="is a covariance-head checkpoint: resume it with its head run's config"):
+        train(make_cfg(tmp_path / "other", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", base=TINY))
+
+
+def test_compiled_head_training_runs_the_compiled_network(tiny_ckpt, tmp_path, monkeypatch):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")  # Dynamo's capture without code generation: fast on a CPU
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counter, dynamic=False))
+    common = ("trainer.max_steps=2", "~callbacks.head_diagnostics")
+    compiled = head_run(tmp_path / "c", tiny_ckpt, "head.compile=true", *common)
+    module = compiled["module"]
+    assert counter.frame_count >= 1 and module._compiled_forward is not None and module.compile_seconds > 0
+    eager = head_run(tmp_path / "e", tiny_ckpt, *common)
+    a, b = head_weights(module), head_weights(eager["module"])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_wandb_offline_head_run(tiny_ckpt, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    run_dir = tmp_path / "wb"
+    head_run(run_dir, tiny_ckpt, "logger=wandb", "trainer.max_steps=2")
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    deadline = time.monotonic() + 60  # wandb's service may still be writing after finish() returns
+    while True:
+        blob = next(runs[0].glob("*.wandb")).read_bytes()
+        if b"head/nll_K5/gain" in blob or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert b"head/nll_K5/npr_ddpm" in blob and b"head/loss_t1-12" in blob and b"head/nll_K5/gain" in blob
 
 
 # ------------------------------------------------------------------------------------------- train.py and configs
@@ -482,11 +534,11 @@ def test_head_configs_compose_with_the_papers_settings():
 
     q = cfg_of("experiment=head_quickstart", "backbone.ckpt_path=last.ckpt")
     assert q.backbone == {"ckpt_path": "last.ckpt", "use_checkpoint_data": True}
-    assert (q.head.kind, q.head.mode, q.head.backbone_mode) == ("npr", "simple", "eval")
+    assert (q.head.kind, q.head.mode, q.head.backbone_mode) == ("npr", "complex", "eval")
     assert q.trainer.max_steps == q.trainer.limit_train_batches and 50 <= q.trainer.max_steps <= 400
     assert "head_diagnostics" in q.callbacks and "gamma_calibration" not in q.callbacks
     assert cfg_of("experiment=head_quickstart", "head=sn").head.kind == "sn"
-    assert cfg_of("experiment=head_quickstart", "head.mode=complex").head.mode == "complex"
+    assert cfg_of("experiment=head_quickstart", "head.mode=simple").head.mode == "simple"
     for name, schedule in (("head_cifar10_ls", "linear"), ("head_cifar10_cs", "cosine")):
         c = cfg_of(f"experiment={name}", "backbone.source=model.pt")
         assert c.backbone.kind == "improved_diffusion" and c.backbone.source == "model.pt"
@@ -520,6 +572,6 @@ def test_every_backbone_and_head_option_composes(group):
         cfg = cfg_of("experiment=head_quickstart", f"{group}={option}")
         assert cfg[group] is not None
         if group == "head":
-            assert cfg.head.kind == option and cfg.head.lr == 1e-3  # the experiment's values stay on top
+            assert cfg.head.kind == option and cfg.head.lr == 3e-3  # the experiment's values stay on top
         elif option != "checkpoint":
             assert cfg.backbone.kind in ("improved_diffusion", "ddpm") and "options" in cfg.backbone
