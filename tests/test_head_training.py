@@ -575,3 +575,20 @@ def test_every_backbone_and_head_option_composes(group):
             assert cfg.head.kind == option and cfg.head.lr == 3e-3  # the experiment's values stay on top
         elif option != "checkpoint":
             assert cfg.backbone.kind in ("improved_diffusion", "ddpm") and "options" in cfg.backbone
+
+
+@pytest.mark.ddp
+def test_ddp_head_run(tiny_ckpt, tmp_path):
+    """Two CPU processes (gloo): the head trains on both halves of each global batch, the band statistics of the
+    diagnostics are summed over the ranks, and the checkpoint loads."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests" / "helpers")]),
+               WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    out = tmp_path / "ddp"
+    args = [*HEAD_TINY, f"backbone.ckpt_path={tiny_ckpt}", "trainer=ddp", "trainer.accelerator=cpu",
+            "trainer.devices=2", "trainer.precision=32-true", f"hydra.run.dir={out}"]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "head" / "head_epoch001.json").read_text())
+    assert sum(b["count"] for b in report["loss_bands"].values()) == 2 * 2 * 8  # 2 ranks x 2 batches of 8
+    assert load_head_checkpoint(out / "checkpoints" / "last.ckpt").gamma_meta["checkpoint_step"] == 4
