@@ -165,6 +165,27 @@ def test_backbone_is_frozen_and_runs_once_per_step(backbone):
         HeadModule(backbone, backbone_mode="frozen")
 
 
+def test_module_from_a_backbone_spec(tiny_ckpt, backbone):
+    module = HeadModule({"ckpt_path": str(tiny_ckpt)}, kind="sn")
+    assert module.backbone_identity == backbone.identity and module.hparams["backbone"]["ckpt_path"] == str(tiny_ckpt)
+    assert module.hparams["head"]["kind"] == "sn" and module.hparams["diffusion"] == {"schedule": "linear", "N": 50}
+    with pytest.raises(ValueError, match="head.kind='xx'"):
+        HeadModule(backbone, kind="xx")
+
+
+def test_bench_heads_runs(tiny_ckpt, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_heads", ROOT / "bench" / "bench_heads.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "heads.json"
+    assert bench.main(["--ckpt", str(tiny_ckpt), "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["batch_size"] == 8 and res["image_shape"] == [1, 8, 8] and len(res["head_step_s_all"]) == 2
+    assert 0 < res["head_to_backbone_ratio"] == res["head_step_s"] / res["backbone_step_s"]
+
+
 def test_head_ema_update(backbone):
     module = HeadModule(backbone, ema_decay=0.9)
     gen = torch.Generator().manual_seed(0)
@@ -336,6 +357,18 @@ def test_a_run_directory_is_not_resumed_on_a_changed_backbone_file(tiny_ckpt, tm
         head_run(run_dir, bb, "trainer.max_steps=4", "~callbacks.head_diagnostics")
 
 
+def test_the_runs_own_data_and_a_shape_mismatch(tiny_ckpt, tmp_path):
+    from test_training import TINY_DATA
+
+    common = ("backbone.use_checkpoint_data=false", "trainer.max_steps=2", "~callbacks.head_diagnostics")
+    summary = head_run(tmp_path / "own", tiny_ckpt, *common, *TINY_DATA, "data.num_train=48")
+    hp = torch.load(summary["last_checkpoint"], weights_only=True)["hyper_parameters"]
+    assert hp["data"]["num_train"] == 48 and hp["backbone"]["use_checkpoint_data"] is False
+    with pytest.raises(ConfigError, match=r"images of shape \(1, 16, 16\) but the backbone takes 1x8x8"):
+        head_run(tmp_path / "bad", tiny_ckpt, *common, *TINY_DATA, "data.image_size=16")
+    assert not list((tmp_path / "bad").rglob("*.ckpt"))
+
+
 def test_head_settings_define_the_run(tiny_ckpt, tmp_path):
     run_dir = tmp_path / "run"
     head_run(run_dir, tiny_ckpt, "trainer.max_steps=2", "~callbacks.head_diagnostics")
@@ -416,6 +449,25 @@ def test_pretrained_improved_diffusion_backbone(tmp_path):
         assert torch.equal(eps, ref.eps_model(x, t))  # the backbone alone, in its own timestep convention
         assert h.shape == x.shape and loaded.head_model.head_kind == "sn"
     assert torch.equal(loaded.schedule.betas, ref.schedule.betas)
+
+
+def test_pretrained_ddpm_backbone_from_its_config(tmp_path):
+    """The DDIM fixture (an ermongroup/ddim checkpoint and its YAML, 3x16x16, fed t - 1): the generic ddpm backbone."""
+    from analytic_dpm import pretrained
+
+    fix = ROOT / "tests" / "fixtures" / "pretrained" / "ddpm"
+    summary = train(make_cfg(
+        tmp_path / "run", "backbone=ddpm", f"backbone.source={fix / 'ddim_tiny_ckpt.pth'}",
+        f"backbone.options.config={fix / 'ddim_tiny.yml'}", "data=gaussian", "data.channels=3", "data.image_size=16",
+        "data.num_train=32", "data.num_test=4", "data.batch_size=4", "trainer.max_steps=2",
+        "callbacks.head_diagnostics.nll_images=0", base=HEAD_TINY))
+    loaded = load_head_checkpoint(summary["last_checkpoint"])
+    ref = pretrained.load("ddpm", fix / "ddim_tiny_ckpt.pth", config=fix / "ddim_tiny.yml")
+    assert loaded.backbone_identity == digest_state_dict(ref.eps_model.net) and loaded.schedule.N == 1000
+    assert loaded.backbone_source["identity"]["timestep_convention"] == "t - 1"
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 1000])
+    with torch.no_grad():
+        assert torch.equal(loaded.head_model(x, t)[0], ref.eps_model(x, t))
 
 
 def test_diagnostics_calibrate_gamma_once_for_a_backbone_without_one(tiny_ckpt, tmp_path):

@@ -4,7 +4,8 @@
 
 * the head loss per timestep band: the mean step loss of the epoch's batches with t in each of ``num_bands`` equal
   bands of 1..N (keys ``head/loss_t{lo}-{hi}``; the NPR loss is small at large t, where eps_hat is nearly exact, and
-  large at small t, so a band that stops falling shows where the head is stuck);
+  large at small t, so a band that stops falling shows where the head is stuck). Summed over the ranks of a DDP run;
+  after a resume in the middle of an epoch, that epoch's bands hold the steps since the resume;
 * a quick NLL (bits/dim, even trajectory, the discrete decoder) of the head's DDPM method (``sn_ddpm`` or
   ``npr_ddpm``) and of ``analytic_ddpm`` on the first ``nll_images`` held-out images, with the EMA head (keys
   ``head/nll_K{K}/{method}`` and ``head/nll_K{K}/gain``, the analytic_ddpm minus the head method's bits/dim: positive

@@ -47,8 +47,10 @@ __all__ = ["head_data_config", "train_head"]
 def head_data_config(cfg: DictConfig, backbone: Backbone) -> tuple[dict[str, Any], bool]:
     """``(the head's training data config, whether it was read from the backbone's checkpoint)`` (module docstring)."""
     spec = backbone.spec
-    run_data = plain(cfg.get("data"), missing_ok=False) if cfg.get("data") is not None else None
-    if "ckpt_path" in spec and spec.get("use_checkpoint_data", True):
+    use_checkpoint = "ckpt_path" in spec and spec.get("use_checkpoint_data", True)
+    # a mandatory value (???) of this run's data matters only when the data are used
+    run_data = plain(cfg.get("data"), missing_ok=use_checkpoint) if cfg.get("data") is not None else None
+    if use_checkpoint:
         if backbone.data is None:
             raise ConfigError(f"the backbone checkpoint {spec['ckpt_path']} records no data config: pass "
                               "backbone.use_checkpoint_data=false and data=... (the data it was trained on)")
@@ -128,9 +130,8 @@ def train_head(cfg: DictConfig) -> dict[str, Any]:
         inner = instantiate(cfg.data, "the datamodule (data=...)")
     datamodule = ReproducibleDataModule(inner, seed=seed)
 
-    head_args = {k: v for k, v in head.items()}
     try:
-        module = HeadModule(backbone=backbone, seed=seed, config=config, **head_args)
+        module = HeadModule(backbone=backbone, seed=seed, config=config, **dict(head))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"cannot build the head module: {e}") from None
     log.info("head: %s (%s) with %.3fM trainable parameters on a frozen backbone of %.2fM", module.head_kind,
