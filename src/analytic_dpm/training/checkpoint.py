@@ -154,6 +154,19 @@ def _gamma_of(ckpt: Mapping, schedule: NoiseSchedule, p: Path) -> tuple[Tensor |
     return gamma, meta
 
 
+def _refuse_head_checkpoint(ckpt: Mapping, p: Path) -> None:
+    """A covariance-head checkpoint (spec section 11) holds a backbone and a head, not ``ema_model.*``: say so."""
+    from .head_checkpoint import HEAD_CHECKPOINT_KEY, HeadCheckpointError
+
+    record = ckpt.get(HEAD_CHECKPOINT_KEY)
+    if isinstance(record, Mapping):
+        raise HeadCheckpointError(
+            f"{p} is a covariance-head checkpoint (an {str(record.get('head_kind')).upper()} head on a frozen "
+            "backbone): load it with analytic_dpm.training.load_head_checkpoint (its .eps_model is the backbone, "
+            "its .gamma the backbone's Gamma)"
+        )
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> LoadedCheckpoint:
     """Load a training checkpoint for evaluation: EMA network (eval mode), schedule, Gamma, config.
 
@@ -164,6 +177,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> LoadedCheckp
     """
     p = Path(path).expanduser()
     ckpt = read_checkpoint(p, map_location="cpu")
+    _refuse_head_checkpoint(ckpt, p)
     hp = ckpt["hyper_parameters"]
     schedule = _schedule_of(hp, p)
     model, kind = _model_of(ckpt, p, map_location)
@@ -218,6 +232,7 @@ def calibrate_checkpoint(
     """
     p = Path(path).expanduser()
     ckpt = read_checkpoint(p, map_location="cpu")
+    _refuse_head_checkpoint(ckpt, p)
     hp = ckpt["hyper_parameters"]
     schedule = _schedule_of(hp, p)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

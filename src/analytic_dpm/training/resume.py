@@ -27,12 +27,14 @@ log = logging.getLogger(__name__)
 
 __all__ = ["finished_summary", "normalize_epoch_end_checkpoint", "resolve_resume"]
 
-#: config sections that define a training run: resuming a directory with any of them changed is refused
-RUN_DEFINING = ("data", "model", "diffusion", "module", "seed")
+#: config sections that define a training run: resuming a directory with any of them changed is refused (a head
+#: run, spec section 11, is also defined by its frozen noise predictor ``backbone`` and its ``head``; its ``model`` and
+#: ``diffusion`` are the backbone's)
+RUN_DEFINING = ("data", "model", "diffusion", "module", "seed", "backbone", "head")
 #: keys of those sections that only set how fast the same run goes (no change to what is trained beyond float
 #: rounding): changing them, or their absence in a checkpoint written before they existed, never refuses a resume
-SPEED_ONLY = ("module.compile", "module.compile_mode", "module.channels_last", "module.attention_float32",
-              "module.fused_optimizer")
+SPEED_ONLY = tuple(f"{section}.{key}" for section in ("module", "head")
+                   for key in ("compile", "compile_mode", "channels_last", "attention_float32", "fused_optimizer"))
 #: trainer keys that change what is trained (max_steps may grow: that continues the run)
 TRAINER_DEFINING = ("precision", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
                     "limit_train_batches", "devices", "num_nodes", "strategy")
