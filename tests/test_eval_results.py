@@ -89,7 +89,7 @@ def test_columns_exact_order():
         "dataset", "schedule", "N", "forward", "method", "trajectory", "K", "nll_bpd", "fid",
         "num_nll_images", "num_fid_samples", "gamma_M", "seed", "seconds", "note",
         "model_id", "model_step", "gamma_hash", "precision", "gamma_policy", "version", "nll_id", "fid_id",
-        "fid_precision",
+        "fid_precision", "head",
     ]  # fmt: skip
 
 

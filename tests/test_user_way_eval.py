@@ -236,3 +236,24 @@ def test_heatmap_titles_fit_in_the_figure(tmp_path, monkeypatch):
     fig.canvas.draw()
     box = fig.axes[0].title.get_window_extent()
     assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+
+
+def test_load_gamma_reads_every_gamma_file(tmp_path, tiny_ckpt):
+    """The public reader for a diffusers user: the calibrate CLI's / Gamma cache's file, a training checkpoint."""
+    from analytic_dpm.gamma import load_gamma, save_gamma_file
+
+    g = torch.cat([torch.zeros(1), torch.linspace(0.1, 0.9, 50)]).double()
+    save_gamma_file(tmp_path / "g.pt", g, M=10)
+    assert torch.equal(load_gamma(tmp_path / "g.pt"), g) and load_gamma(tmp_path / "g.pt", N=50).shape == (51,)
+    with pytest.raises(ValueError, match="length N\\+1"):
+        load_gamma(tmp_path / "g.pt", N=60)
+    assert load_gamma(tiny_ckpt).shape == (51,)
+
+
+def test_oracle_ids_are_unchanged_by_the_head_key():
+    """conf/model/oracle_*.yaml gained `head: null`: the oracle's model_id stays what it was (older results valid)."""
+    from analytic_dpm.evaluation.provenance import oracle_model_id
+
+    params = {"oracle": "gaussian", "mean": 0.0, "std": 0.5, "shape": [1, 8, 8], "num_heldout": 4096}
+    assert oracle_model_id({**params, "head": None}, SCHED) == oracle_model_id(params, SCHED)
+    assert oracle_model_id({**params, "head": "npr"}, SCHED) != oracle_model_id(params, SCHED)

@@ -91,8 +91,9 @@ def pretrained_model_id(identity: Mapping) -> str:
 
 def oracle_model_id(params: Mapping, schedule) -> str:
     """``model_id`` of an exact oracle: its parameters and schedule. List values enter by their text (``"[1, 8, 8]"``),
-    as they always have, so results computed before stay valid."""
-    text = {k: repr(list(v)) if isinstance(v, (list, tuple)) else v for k, v in params.items()}
+    as they always have, and ``head: null`` is left out (absent when equal), so results computed before stay valid."""
+    text = {k: repr(list(v)) if isinstance(v, (list, tuple)) else v for k, v in params.items()
+            if not (k == "head" and v is None)}
     return short(digest_json({"oracle": text, "schedule": digest_tensor(schedule.betas)}))
 
 

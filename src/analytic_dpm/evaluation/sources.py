@@ -186,10 +186,12 @@ def network_context(s: EvalSettings, device, *, eps_model, schedule, gamma, gamm
 
 
 def _checkpoint_context(source: CheckpointSource, request: EvalRequest, device: torch.device) -> EvalContext:
-    from ..training import load_checkpoint
+    from ..training import is_head_checkpoint, load_checkpoint
 
     s = request.settings
     try:
+        if is_head_checkpoint(source.path):
+            return _head_checkpoint_context(source, request, device)
         ck = load_checkpoint(source.path, map_location=device)
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
@@ -222,6 +224,36 @@ def _checkpoint_context(source: CheckpointSource, request: EvalRequest, device: 
                                             ck.gamma_meta.get("weights"), ck.gamma_meta.get("weights")),
                                         "step": ck.gamma_meta.get("checkpoint_step"),
                                         "timestep_convention": "t (this package's own)"})
+
+
+def _head_checkpoint_context(source: CheckpointSource, request: EvalRequest, device: torch.device) -> EvalContext:
+    """A covariance head trained by ``train.py`` on its frozen backbone: the head model (one pass: eps and head) is
+    the grid's network, Gamma is the backbone's (recalibrated with its eps alone when asked or absent)."""
+    from ..training import load_head_checkpoint
+
+    s = request.settings
+    ck = load_head_checkpoint(source.path, map_location=device)
+    s.check_against(ck.schedule.N)
+    apply_attention_setting(ck.head_model, s)
+    data_cfg, where = request.data, "data"
+    if data_cfg is None:
+        data_cfg, where = ck.hparams.get("data"), f"{ck.path}: hyper_parameters.data"
+        if not data_cfg:
+            raise UserError("the head checkpoint has no data config: pass data=<name> (and its paths)")
+    datamodule = eval_datamodule(data_cfg, where)
+    gamma, gamma_M, from_file = ck.gamma, (ck.gamma_meta or {}).get("M"), False
+    if s.gamma_path:
+        (gamma, gamma_M), from_file = load_gamma_file(s.gamma_path, ck.schedule.N), True
+    elif s.recalibrate or gamma is None:
+        gamma, gamma_M = calibrate_for_eval(ck.eps_model, ck.schedule, datamodule, s, device), s.calibration.num_samples
+    model_id = checkpoint_model_id(ck.head_model, {"head": ck.hparams.get("head"), "backbone": ck.backbone_identity},
+                                   ck.schedule)
+    return network_context(s, device, eps_model=ck.head_model, schedule=ck.schedule, gamma=gamma, gamma_M=gamma_M,
+                           datamodule=datamodule, data_cfg=data_cfg, model_id=model_id, model_step=None,
+                           gamma_from_file=from_file,
+                           conventions={"source": "head checkpoint", "path": str(ck.path), "head": head_label(
+                               ck.head_model), "backbone": ck.backbone_source, "weights": "EMA head",
+                               "backbone_identity": ck.backbone_identity})
 
 
 def load_pretrained(source: PretrainedSource, device):
