@@ -186,6 +186,20 @@ def test_bench_heads_runs(tiny_ckpt, tmp_path):
     assert 0 < res["head_to_backbone_ratio"] == res["head_step_s"] / res["backbone_step_s"]
 
 
+def test_bench_head_sampling_runs(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_head_sampling", ROOT / "bench" / "bench_head_sampling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "sampling.json"
+    argv = ["--K", "2", "--batch", "2", "--repeat", "1", "--kind", "sn", "--mode", "complex", "--out", str(out)]
+    assert bench.main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["K"] == 2 and row["head"] == "sn:complex" and len(row["times"]["sn_ddpm (head model)"]) == 1
+    assert 0 < row["ratio"] == row["head_method_s"] / row["analytic_ddpm_s"]
+
+
 def test_head_ema_update(backbone):
     module = HeadModule(backbone, ema_decay=0.9)
     gen = torch.Generator().manual_seed(0)
