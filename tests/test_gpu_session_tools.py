@@ -90,9 +90,10 @@ def test_gpu_session_dry_run(tmp_path):
                           text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     steps = (tmp_path / "out/steps.tsv").read_text()
-    for name in ("bench_gpu", "train", "precision", "fid_features", "attention_a", "attention_b",
-                 "attention_ab"):
+    for name in ("bench_gpu", "head_sampling_simple", "head_sampling_complex", "train", "precision", "fid_features",
+                 "attention_a", "attention_b", "attention_ab"):
         assert f"{name}\tok" in steps, steps
-    for name in ("bench_gpu.json", "precision.json", "fid_features.json", "attention_ab.json", "train_metrics.csv"):
+    for name in ("bench_gpu.json", "head_sampling_simple.json", "head_sampling_complex.json", "precision.json",
+                 "fid_features.json", "attention_ab.json", "train_metrics.csv"):
         assert (tmp_path / "out" / name).is_file(), name
     shutil.rmtree(tmp_path / "out", ignore_errors=True)

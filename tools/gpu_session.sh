@@ -14,7 +14,8 @@
 #   here:      tools/gpu_session.sh dry-run         # CPU rehearsal of both calls at toy sizes (~6 min on 2 cores)
 #
 # Call one: bench/bench_gpu.py (training and evaluation speed of both CIFAR-10 UNets, the forward matrix, the
-# GroupNorm+SiLU fusion check), then the GPU tests, within BUDGET seconds. Call two, in priority order, each step
+# GroupNorm+SiLU fusion check), then the GPU tests, then with what is left bench/bench_head_sampling.py (a head
+# method's sampling cost against analytic_ddpm), within BUDGET seconds. Call two, in priority order, each step
 # under a deadline from BUDGET: train a short CIFAR-10 model with train.py; bench/bench_precision.py (NLL per method
 # and K, and FID of the same seeds, in fp32 / tf32 / bf16 / bf16-attn); bench/bench_fid.py features (Inception speed
 # and FID on the CIFAR-10 reference for each feature option); a bf16-attention loss-curve A/B of two short runs.
@@ -105,6 +106,14 @@ call_one() {
     step bench_gpu $(( budget - 70 )) "$PY" "$ROOT/bench/bench_gpu.py" "${tiny[@]}" --out "$OUT/bench_gpu.json" \
         --budget-s $(( budget - 130 ))
     [ "$TINY" = 1 ] || step test_gpu 70 "$PY" -m pytest -q -m gpu -p no:cacheprovider "$ROOT/tests/test_gpu.py"
+    # issue 17: a covariance-head method's sampling cost against analytic_ddpm (goal: within 5%), CIFAR-10 UNet,
+    # the authors' simple head and the complex one; whatever budget is left
+    local hs=(--device cuda --net cifar10 --K 10 100 --batch 250 --repeat 3)
+    [ "$TINY" = 1 ] && hs=(--device cpu --net small --K 2 --batch 2 --repeat 1)
+    for mode in simple complex; do
+        step "head_sampling_$mode" 45 "$PY" "$ROOT/bench/bench_head_sampling.py" "${hs[@]}" --mode "$mode" \
+            --out "$OUT/head_sampling_$mode.json"
+    done
 }
 
 train_short() {  # train_short RUN_DIR STEPS [overrides...]: train.py on the CIFAR-10 JPEG copy, Gamma at the end
@@ -191,5 +200,5 @@ case "${1:-help}" in
         rc=$?
         echo "dry run: rc=$rc, results in $OUT" >&2; cat "$OUT/steps.tsv" >&2
         exit $rc ;;
-    *) sed -n '2,24p' "$0"; exit 2 ;;
+    *) sed -n '2,25p' "$0"; exit 2 ;;
 esac
