@@ -168,6 +168,36 @@ def test_fixed_static_batch_runs_in_chunks():
     assert counter.frame_count == 1 and prepared.static_batch == 4
 
 
+def test_eager_cpu_calls_run_in_chunks_with_the_same_numbers():
+    """On a CPU an eager call of more than CPU_CHUNK rows runs in chunks (cache-sized activations): the network sees
+    no call above CPU_CHUNK rows, and the output equals one whole call, for a noise predictor and a head model."""
+    from analytic_dpm.accel import CPU_CHUNK
+
+    net = tiny_unet()
+    sizes = []
+
+    def head_model(x, t):
+        sizes.append(x.shape[0])
+        eps = net(x, t)
+        return eps, eps.square()
+
+    head_model.head_kind = "sn"
+    n = 2 * CPU_CHUNK + 5
+    x, t = inputs(n)
+    prepared = prepare_eps_model(head_model, compile=False, device="cpu")
+    assert prepared.head_kind == "sn"
+    with torch.no_grad():
+        eps, head = prepared(x, t)
+        whole = net(x, t)
+    assert sizes == [CPU_CHUNK, CPU_CHUNK, 5]
+    torch.testing.assert_close(eps, whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head, whole.square(), rtol=1e-5, atol=1e-6)
+    sizes.clear()
+    with torch.no_grad():
+        prepared(x[:CPU_CHUNK], t[:CPU_CHUNK])
+    assert sizes == [CPU_CHUNK]
+
+
 def test_auto_static_batch_grows_to_the_largest_seen():
     net = Micro().eval()
     counter = CompileCounterWithBackend("eager")
