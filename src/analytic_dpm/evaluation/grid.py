@@ -63,7 +63,7 @@ def plan_cells(methods, trajectories, Ks, N: int) -> list[Cell]:
 
 
 def item_label(item) -> str:
-    """A job's name: the method of a FID cell, ``nll`` for an NLL group (its methods share one pass)."""
+    """A job's name: the method of a FID cell, ``group`` for an NLL group (its methods share one pass)."""
     return "group" if isinstance(item, list) else item.method
 
 

@@ -198,23 +198,10 @@ def _checkpoint_context(source: CheckpointSource, request: EvalRequest, device: 
     schedule = ck.schedule
     s.check_against(schedule.N)
     apply_attention_setting(ck.model, s)
-    data_cfg, where = request.data, "data"
-    if data_cfg is None:
-        data_cfg, where = ck.hparams.get("data"), f"{ck.path}: hyper_parameters.data"
-        if not data_cfg:
-            raise UserError("the checkpoint has no data config: pass data=<name> (and its paths)")
-    datamodule = eval_datamodule(data_cfg, where)
-
-    gamma, gamma_M, from_file = ck.gamma, ck.gamma_meta.get("M"), False
-    if s.gamma_path:
-        (gamma, gamma_M), from_file = load_gamma_file(s.gamma_path, schedule.N), True
-    elif s.recalibrate or gamma is None:
-        if gamma is None and not s.recalibrate:
-            raise UserError(
-                f"{ck.path} holds no Gamma. Calibrate it first:\n    {ck.calibrate_command}\n"
-                "or rerun with eval.recalibrate=true (or eval.gamma_path=FILE)."
-            )
-        gamma, gamma_M = calibrate_for_eval(ck.model, schedule, datamodule, s, device), s.calibration.num_samples
+    missing = (f"{ck.path} holds no Gamma. Calibrate it first:\n    {ck.calibrate_command}\n"
+               "or rerun with eval.recalibrate=true (or eval.gamma_path=FILE).")
+    data_cfg, datamodule, gamma, gamma_M, from_file = _checkpoint_data_and_gamma(
+        ck, request, ck.model, schedule, ck.gamma_meta.get("M"), device, what="checkpoint", missing_gamma=missing)
     model_id = checkpoint_model_id(ck.model, ck.hparams.get("model"), schedule)
     return network_context(s, device, eps_model=ck.model, schedule=schedule, gamma=gamma, gamma_M=gamma_M,
                            datamodule=datamodule, data_cfg=data_cfg, model_id=model_id,
@@ -226,6 +213,29 @@ def _checkpoint_context(source: CheckpointSource, request: EvalRequest, device: 
                                         "timestep_convention": "t (this package's own)"})
 
 
+def _checkpoint_data_and_gamma(ck, request: EvalRequest, eps_model, schedule, stored_M, device: torch.device, *,
+                               what: str, missing_gamma: str | None = None):
+    """The data (``data=...``, else the checkpoint's own config) and Gamma (``eval.gamma_path``, else the stored one,
+    recalibrated with ``eps_model`` when asked or absent; ``missing_gamma``: refuse an absent one with that text
+    instead) of a checkpoint source -> ``(data_cfg, datamodule, gamma, gamma_M, gamma_from_file)``."""
+    s = request.settings
+    data_cfg, where = request.data, "data"
+    if data_cfg is None:
+        data_cfg, where = ck.hparams.get("data"), f"{ck.path}: hyper_parameters.data"
+        if not data_cfg:
+            raise UserError(f"the {what} has no data config: pass data=<name> (and its paths)")
+    datamodule = eval_datamodule(data_cfg, where)
+    if s.gamma_path:
+        gamma, gamma_M = load_gamma_file(s.gamma_path, schedule.N)
+        return data_cfg, datamodule, gamma, gamma_M, True
+    gamma, gamma_M = ck.gamma, stored_M
+    if gamma is None and not s.recalibrate and missing_gamma is not None:
+        raise UserError(missing_gamma)
+    if s.recalibrate or gamma is None:
+        gamma, gamma_M = calibrate_for_eval(eps_model, schedule, datamodule, s, device), s.calibration.num_samples
+    return data_cfg, datamodule, gamma, gamma_M, False
+
+
 def _head_checkpoint_context(source: CheckpointSource, request: EvalRequest, device: torch.device) -> EvalContext:
     """A covariance head trained by ``train.py`` on its frozen backbone: the head model (one pass: eps and head) is
     the grid's network, Gamma is the backbone's (recalibrated with its eps alone when asked or absent)."""
@@ -235,17 +245,8 @@ def _head_checkpoint_context(source: CheckpointSource, request: EvalRequest, dev
     ck = load_head_checkpoint(source.path, map_location=device)
     s.check_against(ck.schedule.N)
     apply_attention_setting(ck.head_model, s)
-    data_cfg, where = request.data, "data"
-    if data_cfg is None:
-        data_cfg, where = ck.hparams.get("data"), f"{ck.path}: hyper_parameters.data"
-        if not data_cfg:
-            raise UserError("the head checkpoint has no data config: pass data=<name> (and its paths)")
-    datamodule = eval_datamodule(data_cfg, where)
-    gamma, gamma_M, from_file = ck.gamma, (ck.gamma_meta or {}).get("M"), False
-    if s.gamma_path:
-        (gamma, gamma_M), from_file = load_gamma_file(s.gamma_path, ck.schedule.N), True
-    elif s.recalibrate or gamma is None:
-        gamma, gamma_M = calibrate_for_eval(ck.eps_model, ck.schedule, datamodule, s, device), s.calibration.num_samples
+    data_cfg, datamodule, gamma, gamma_M, from_file = _checkpoint_data_and_gamma(
+        ck, request, ck.eps_model, ck.schedule, (ck.gamma_meta or {}).get("M"), device, what="head checkpoint")
     model_id = checkpoint_model_id(ck.head_model, {"head": ck.hparams.get("head"), "backbone": ck.backbone_identity},
                                    ck.schedule)
     return network_context(s, device, eps_model=ck.head_model, schedule=ck.schedule, gamma=gamma, gamma_M=gamma_M,
